@@ -1,0 +1,1 @@
+"""Flax networks. Nothing here imports from methods/ or the trainer."""

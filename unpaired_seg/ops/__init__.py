@@ -1,0 +1,1 @@
+"""Pure jax.numpy operations (no Flax): losses, warps, sampling."""
