@@ -1,0 +1,105 @@
+"""Defaults shared by every method's config, and the `:arg` parser.
+
+Each `configs/<method>.py` starts from `get_base_config(...)` and overrides only what differs:
+
+  python -m unpaired_seg.main --config=configs/joint.py:tiny --workdir=/tmp/joint
+  python -m unpaired_seg.main --config=configs/joint.py --config.train.steps=100 --workdir=/tmp/joint
+"""
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def parse_arg(arg: str | None, **defaults) -> ConfigDict:
+  """Parses 'tiny,variant=v1,label_fraction=0.5' into a ConfigDict over `defaults`.
+
+  A bare word sets a boolean default to True. Every key must be one of `defaults`, and a value is
+  converted to the type of its default, so a typo fails here with the key named.
+  """
+  result = ConfigDict(dict(defaults))
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} is not one of {sorted(defaults)}")
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+      result[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0", "on", "off"):
+        raise ValueError(f"config argument {key}={value!r} is not a boolean")
+      result[key] = value.lower() in ("true", "1", "on")
+    else:
+      try:
+        result[key] = type(default)(value)
+      except ValueError as e:
+        raise ValueError(f"config argument {key}={value!r}: expected {type(default).__name__}") from e
+  return result
+
+
+def get_base_config(tiny: bool = False) -> ConfigDict:
+  """Defaults: a 2D U-Net trained on the embedded phantom, sized for a 2-core CPU."""
+  c = ConfigDict()
+  c.method = "joint"
+  c.seed = 0
+
+  c.data = ConfigDict()
+  c.data.dataset = "phantom"          # 'phantom' (generated on first use) or 'folder' (data.root)
+  c.data.root = ""                    # dataset folder; for the phantom '' means the cache folder
+  c.data.modalities = ("mr", "ct")    # modalities to train on, in this order
+  c.data.phantom = ConfigDict(dict(mode="unpaired", num_subjects=20, shape=(64, 64, 24), seed=0))
+  c.data.image_size = (64, 64)        # in-plane crop/pad size of the 2D slices
+  c.data.context_slices = 0           # 0: 2D; 1: 2.5D (three adjacent slices as channels)
+  c.data.foreground_fraction = 0.5    # share of sampled slices that contain a labelled structure
+  c.data.split = ConfigDict(dict(train=0.6, val=0.2, test=0.2))
+  c.data.augment = ConfigDict(dict(enabled=True, rotate_deg=15.0, scale=(0.9, 1.1), flip=False))
+
+  c.model = ConfigDict()
+  c.model.name = "unet"
+  c.model.features = 16
+  c.model.depth = 4
+  c.model.ndim = 2
+  c.model.sharing = ""                # '' = the method's own sharing preset
+  c.model.norm = ConfigDict(dict(kind="batch", momentum=0.9, epsilon=1e-5, num_groups=8,
+                                 sync=True))
+
+  c.loss = ConfigDict(dict(dice_weight=1.0, ce_weight=1.0))
+
+  c.train = ConfigDict()
+  c.train.steps = 1200
+  c.train.batch_size = 16             # per modality, global (split over the data-parallel devices)
+  c.train.learning_rate = 2e-3
+  c.train.lr_decay = ConfigDict(dict(rate=1.0, every=1000))  # lr * rate ** (step / every)
+  c.train.log_every = 50
+  c.train.eval_every = 300
+  c.train.checkpoint_every = 300
+  c.train.keep_checkpoints = 2
+
+  c.eval = ConfigDict()
+  c.eval.batch_size = 32              # slices per prediction call (one compile)
+  c.eval.checkpoint = "best"          # 'best' (by validation Dice) or 'latest'
+  c.eval.max_val_cases = 4            # validation volumes per modality during training
+
+  if tiny:
+    shrink_to_tiny(c)
+  return c
+
+
+def shrink_to_tiny(c: ConfigDict) -> None:
+  """Seconds on a CPU: tiny phantom, narrow network, a few steps. Used by tests and smoke runs."""
+  c.data.phantom.num_subjects = 6
+  c.data.phantom.shape = (32, 32, 12)
+  c.data.image_size = (32, 32)
+  c.data.split = ConfigDict(dict(train=0.5, val=0.25, test=0.25))
+  c.model.features = 4
+  c.model.depth = 2
+  c.train.steps = 8
+  c.train.batch_size = 4
+  c.train.log_every = 2
+  c.train.eval_every = 4
+  c.train.checkpoint_every = 4
+  c.eval.batch_size = 8
+  c.eval.max_val_cases = 1

@@ -1,0 +1,13 @@
+"""UNet-single: one network per modality (nothing shared), trained side by side.
+
+  python -m unpaired_seg.main --config=configs/individual.py --workdir=runs/individual
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, tiny=False)
+  config = common.get_base_config(tiny=args.tiny)
+  config.method = "individual"
+  return config

@@ -1,0 +1,181 @@
+"""Validation of a resolved config, once, at start-up.
+
+Every key of the config must be declared here (or in a method's own section, registered by the
+method's plug-in), every value must have the declared type and range. A misspelled or unknown key
+fails with its full dotted name, instead of being ignored as `config.get('x', default)` would.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config key is unknown, missing or has a bad value; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One config leaf: accepted types, an optional check, and a description for the error."""
+  types: tuple[type, ...]
+  check: Callable[[Any], bool] | None = None
+  expect: str = ""
+
+  def validate(self, key: str, value: Any) -> None:
+    if isinstance(value, bool) and bool not in self.types:
+      raise ConfigError(f"config key {key!r}: expected {self._names()}, got the boolean {value!r}")
+    if not isinstance(value, self.types):
+      raise ConfigError(f"config key {key!r}: expected {self._names()}, got {type(value).__name__} "
+                        f"{value!r}")
+    if self.check is not None and not self.check(value):
+      raise ConfigError(f"config key {key!r}: expected {self.expect}, got {value!r}")
+
+  def _names(self) -> str:
+    return " or ".join(t.__name__ for t in self.types)
+
+
+def choice(*options: str) -> Field:
+  return Field((str,), lambda v: v in options, f"one of {options}")
+
+
+def positive_int() -> Field:
+  return Field((int,), lambda v: v > 0, "an integer > 0")
+
+
+def non_negative_int() -> Field:
+  return Field((int,), lambda v: v >= 0, "an integer >= 0")
+
+
+def number(lo: float = float("-inf"), hi: float = float("inf")) -> Field:
+  return Field((int, float), lambda v: lo <= v <= hi, f"a number in [{lo}, {hi}]")
+
+
+def int_tuple(length: int | None = None, positive: bool = True) -> Field:
+  def ok(v):
+    return ((length is None or len(v) == length) and all(isinstance(i, int) for i in v)
+            and (not positive or all(i > 0 for i in v)))
+  return Field((tuple, list), ok, f"a sequence of {length or 'any number of'} positive integers")
+
+
+def str_tuple() -> Field:
+  return Field((tuple, list), lambda v: all(isinstance(i, str) for i in v), "a sequence of strings")
+
+
+def number_pair() -> Field:
+  return Field((tuple, list),
+               lambda v: len(v) == 2 and all(isinstance(i, (int, float)) for i in v) and v[0] <= v[1],
+               "a pair (low, high) of numbers")
+
+
+BOOL = Field((bool,))
+STRING = Field((str,))
+
+SCHEMA: dict[str, Any] = {
+    "method": STRING,  # checked against the method registry by `validate`
+    "seed": non_negative_int(),
+    "data": {
+        "dataset": choice("phantom", "folder"),
+        "root": STRING,
+        "modalities": Field((tuple, list), lambda v: len(v) >= 1 and len(set(v)) == len(v)
+                            and all(isinstance(m, str) for m in v), "distinct modality names"),
+        "phantom": {
+            "mode": choice("paired", "unpaired"),
+            "num_subjects": Field((int,), lambda v: v >= 3, "an integer >= 3"),
+            "shape": int_tuple(3),
+            "seed": non_negative_int(),
+        },
+        "image_size": int_tuple(2),
+        "context_slices": non_negative_int(),
+        "foreground_fraction": number(0.0, 1.0),
+        "split": {"train": number(0.0, 1.0), "val": number(0.0, 1.0), "test": number(0.0, 1.0)},
+        "augment": {
+            "enabled": BOOL,
+            "rotate_deg": number(0.0, 180.0),
+            "scale": number_pair(),
+            "flip": BOOL,
+        },
+    },
+    "model": {
+        "name": choice("unet"),
+        "features": positive_int(),
+        "depth": positive_int(),
+        "ndim": Field((int,), lambda v: v in (2, 3), "2 or 3"),
+        "sharing": STRING,
+        "norm": {
+            "kind": choice("batch", "instance", "layer", "group", "none"),
+            "momentum": number(0.0, 1.0),
+            "epsilon": number(0.0, 1.0),
+            "num_groups": positive_int(),
+            "sync": BOOL,
+        },
+    },
+    "loss": {"dice_weight": number(0.0), "ce_weight": number(0.0)},
+    "train": {
+        "steps": non_negative_int(),
+        "batch_size": positive_int(),
+        "learning_rate": number(0.0),
+        "lr_decay": {"rate": number(0.0, 1.0), "every": positive_int()},
+        "log_every": positive_int(),
+        "eval_every": positive_int(),
+        "checkpoint_every": positive_int(),
+        "keep_checkpoints": positive_int(),
+    },
+    "eval": {
+        "batch_size": positive_int(),
+        "checkpoint": choice("best", "latest"),
+        "max_val_cases": positive_int(),
+    },
+}
+
+_METHOD_SECTIONS: dict[str, dict[str, Any]] = {}
+
+
+def register_section(name: str, schema: Mapping[str, Any]) -> None:
+  """Declares a top-level section owned by a method plug-in (e.g. 'kd' or 'mmsdnet')."""
+  if name in SCHEMA:
+    raise ValueError(f"config section {name!r} is already a core section")
+  _METHOD_SECTIONS[name] = dict(schema)
+
+
+def validate(config: ml_collections.ConfigDict, methods: Mapping[str, Any] | None = None) -> None:
+  """Raises ConfigError naming the first unknown, missing or bad key.
+
+  Args:
+    config: the resolved config.
+    methods: the method registry; when given, `config.method` must be one of its keys.
+  """
+  tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  schema = {**SCHEMA, **_METHOD_SECTIONS}
+  _walk(tree, schema, prefix="", required=set(SCHEMA))
+  if methods is not None and tree["method"] not in methods:
+    raise ConfigError(f"config key 'method': {tree['method']!r} is not one of {sorted(methods)}")
+  split = tree["data"]["split"]
+  if abs(split["train"] + split["val"] + split["test"] - 1.0) > 1e-6:
+    raise ConfigError(f"config key 'data.split': train + val + test must be 1, got {split}")
+  if split["train"] <= 0:
+    raise ConfigError("config key 'data.split.train' must be > 0")
+  depth = tree["model"]["depth"]
+  if any(s % 2 ** depth for s in tree["data"]["image_size"]):
+    raise ConfigError(f"config key 'data.image_size' {tuple(tree['data']['image_size'])} must be "
+                      f"divisible by 2**model.depth = {2 ** depth}")
+  if tree["data"]["dataset"] == "folder" and not tree["data"]["root"]:
+    raise ConfigError("config key 'data.root' must name the dataset folder when data.dataset='folder'")
+
+
+def _walk(tree: Mapping[str, Any], schema: Mapping[str, Any], prefix: str,
+          required: set[str] | None = None) -> None:
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if key not in schema:
+      raise ConfigError(f"unknown config key {name!r}; known keys here: {sorted(schema)}")
+    spec = schema[key]
+    if isinstance(spec, Mapping):
+      if not isinstance(value, Mapping):
+        raise ConfigError(f"config key {name!r} must be a section with keys {sorted(spec)}")
+      _walk(value, spec, prefix=name + ".", required=set(spec))
+    else:
+      spec.validate(name, value)
+  for key in sorted((required if required is not None else set(schema)) - set(tree)):
+    raise ConfigError(f"config key {prefix + key!r} is missing")

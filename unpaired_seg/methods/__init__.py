@@ -1,0 +1,24 @@
+"""Method plug-ins, keyed by `config.method`. See `base.py` for what a method provides.
+
+  method = methods.create(config, num_classes=5, modalities=('mr', 'ct'))
+"""
+
+from collections.abc import Sequence
+
+import ml_collections
+
+from unpaired_seg.methods import supervised
+
+REGISTRY = {
+    "individual": supervised.individual,
+    "joint": supervised.joint,
+}
+
+
+def create(config: ml_collections.ConfigDict, num_classes: int, modalities: Sequence[str],
+           num_data_shards: int = 1):
+  """Builds the method that `config.method` names."""
+  if config.method not in REGISTRY:
+    raise ValueError(f"config key 'method': {config.method!r} is not one of {sorted(REGISTRY)}")
+  return REGISTRY[config.method](config, num_classes=num_classes, modalities=modalities,
+                                 num_data_shards=num_data_shards)

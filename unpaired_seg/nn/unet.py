@@ -1,0 +1,122 @@
+"""A 2D or 3D U-Net whose blocks can be shared or per modality and whose norms take the modality.
+
+  model = UNet(num_classes=5, sharing=Sharing(('mr', 'ct')), features=16, depth=4)
+  variables = model.init(rng, x, modality='mr', train=False)
+  logits = model.apply(variables, x, modality='ct', train=False)   # [B, H, W, classes]
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unpaired_seg.nn.norms import ModalityNorm
+from unpaired_seg.nn.sharing import NormSpec, Sharing, shared_or_per_modality
+
+
+class ConvBlock(nn.Module):
+  """[conv 3 -> norm -> ReLU] x 2, in 2D or 3D."""
+  features: int
+  norm: NormSpec
+  norm_groups: Sequence[str]
+  ndim: int = 2
+
+  @nn.compact
+  def __call__(self, x: jax.Array, group: str, train: bool) -> jax.Array:
+    for i in range(2):
+      x = nn.Conv(self.features, (3,) * self.ndim, use_bias=self.norm.kind == "none",
+                  name=f"conv{i}")(x)
+      x = ModalityNorm(self.norm_groups, kind=self.norm.kind, momentum=self.norm.momentum,
+                       epsilon=self.norm.epsilon, num_groups=self.norm.num_groups,
+                       stat_shards=self.norm.stat_shards, name=f"norm{i}")(x, group, train)
+      x = nn.relu(x)
+    return x
+
+
+class UpBlock(nn.Module):
+  """Transposed-conv upsampling x2, concatenation with the skip, then a ConvBlock."""
+  features: int
+  norm: NormSpec
+  norm_groups: Sequence[str]
+  ndim: int = 2
+
+  @nn.compact
+  def __call__(self, x: jax.Array, skip: jax.Array, group: str, train: bool) -> jax.Array:
+    x = nn.ConvTranspose(self.features, (2,) * self.ndim, strides=(2,) * self.ndim, name="up")(x)
+    x = jnp.concatenate([x, skip], axis=-1)
+    return ConvBlock(self.features, self.norm, self.norm_groups, self.ndim, name="conv")(
+        x, group, train)
+
+
+class Head(nn.Module):
+  """1x1 convolution to class logits."""
+  num_classes: int
+  ndim: int = 2
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.Conv(self.num_classes, (1,) * self.ndim, name="conv")(x)
+
+
+def unet_blocks(depth: int) -> tuple[str, ...]:
+  """Block names of a U-Net of `depth` poolings, input to output."""
+  return (tuple(f"enc{i}" for i in range(depth)) + ("bottleneck",)
+          + tuple(f"dec{i}" for i in reversed(range(depth))) + ("head",))
+
+
+class UNet(nn.Module):
+  """U-Net with `depth` poolings; spatial sizes must be divisible by 2**depth.
+
+  Attributes:
+    num_classes: output channels (background included).
+    sharing: which blocks and norms are per modality.
+    features: channels at full resolution; doubled after each pooling, capped at `max_features`.
+    depth: number of poolings.
+    ndim: 2 for [B, H, W, C] inputs, 3 for [B, D, H, W, C].
+    norm: normalisation settings.
+  """
+  num_classes: int
+  sharing: Sharing
+  features: int = 16
+  depth: int = 4
+  ndim: int = 2
+  max_features: int = 512
+  norm: NormSpec = NormSpec()
+
+  def width(self, level: int) -> int:
+    return min(self.features * 2 ** level, self.max_features)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, modality: str, train: bool) -> jax.Array:
+    factor = 2 ** self.depth
+    if any(s % factor for s in x.shape[1:-1]):
+      raise ValueError(f"U-Net of depth {self.depth} needs spatial sizes divisible by {factor}, "
+                       f"got {x.shape[1:-1]}")
+    group = self.sharing.norm_group(modality)
+    groups = self.sharing.norm_groups
+
+    def block(name, *args):
+      return shared_or_per_modality(self, self.sharing, name, lambda n: _make(n), modality, *args)
+
+    def _make(name):
+      base = name.split("_")[0]
+      if base.startswith("enc"):
+        return ConvBlock(self.width(int(base[3:])), self.norm, groups, self.ndim, name=name)
+      if base == "bottleneck":
+        return ConvBlock(self.width(self.depth), self.norm, groups, self.ndim, name=name)
+      if base.startswith("dec"):
+        return UpBlock(self.width(int(base[3:])), self.norm, groups, self.ndim, name=name)
+      return Head(self.num_classes, self.ndim, name=name)
+
+    skips = []
+    for level in range(self.depth):
+      x = block(f"enc{level}", x, group, train)
+      skips.append(x)
+      x = nn.max_pool(x, (2,) * self.ndim, strides=(2,) * self.ndim)
+    x = block("bottleneck", x, group, train)
+    self.sow("intermediates", "bottleneck", x)
+    for level in reversed(range(self.depth)):
+      x = block(f"dec{level}", x, skips[level], group, train)
+      self.sow("intermediates", f"dec{level}", x)
+    return block("head", x)
