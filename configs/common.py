@@ -69,13 +69,13 @@ def get_base_config(tiny: bool = False) -> ConfigDict:
   c.loss = ConfigDict(dict(dice_weight=1.0, ce_weight=1.0))
 
   c.train = ConfigDict()
-  c.train.steps = 1200
-  c.train.batch_size = 16             # per modality, global (split over the data-parallel devices)
+  c.train.steps = 1000
+  c.train.batch_size = 8              # per modality, global (split over the data-parallel devices)
   c.train.learning_rate = 2e-3
   c.train.lr_decay = ConfigDict(dict(rate=1.0, every=1000))  # lr * rate ** (step / every)
   c.train.log_every = 50
-  c.train.eval_every = 300
-  c.train.checkpoint_every = 300
+  c.train.eval_every = 250
+  c.train.checkpoint_every = 250
   c.train.keep_checkpoints = 2
 
   c.eval = ConfigDict()

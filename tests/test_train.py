@@ -1,0 +1,129 @@
+"""The trainer end to end on a tiny config: outputs, resume parity, NaN stop, checkpoints, sharding."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import common
+from unpaired_seg import train
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory):
+  return tmp_path_factory.mktemp("phantom") / "unpaired"
+
+
+def _config(phantom_root, method="joint", steps=8):
+  config = common.get_base_config(tiny=True)
+  config.method = method
+  config.data.root = str(phantom_root)
+  config.train.steps = steps
+  return config
+
+
+def _leaves(workdir, which="latest"):
+  manager = train.Checkpoints(workdir, keep=2)
+  restored = manager.latest if which == "latest" else manager.best
+  step = restored.latest_step()
+  tree = restored.restore(step)
+  manager.close()
+  return step, jax.tree.leaves(tree)
+
+
+def test_run_writes_everything_and_the_summary_has_the_documented_shape(phantom_root, tmp_path):
+  workdir = tmp_path / "run"
+  summary = train.train_and_evaluate(_config(phantom_root), workdir)
+  for name in ("config.json", "splits.json", "versions.json", "metrics.jsonl", "summary.json",
+               "summary.txt", "train.INFO"):
+    assert (workdir / name).exists(), name
+  assert list((workdir / "tb").glob("events.out.tfevents.*"))
+  assert (workdir / "checkpoints" / "latest" / "8").is_dir()
+  assert json.loads((workdir / "config.json").read_text())["method"] == "joint"
+  on_disk = json.loads((workdir / "summary.json").read_text())
+  assert on_disk == summary
+  assert on_disk["method"] == "joint" and on_disk["dataset"]
+  for m in ("mr", "ct"):
+    block = on_disk["modalities"][m]
+    assert set(block["per_class"]) == {"liver", "right_kidney", "left_kidney", "spleen"}
+    assert 0.0 <= block["mean"]["dice"] <= 1.0
+    for case, classes in block["per_case"].items():
+      assert set(classes) == set(block["per_class"])
+      assert all("dice" in v for v in classes.values())
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6, 8]
+  assert any("val_dice" in r for r in rows)
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(phantom_root, tmp_path):
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(_config(phantom_root, steps=8), straight)
+  resumed = tmp_path / "resumed"
+  train.train_and_evaluate(_config(phantom_root, steps=4), resumed)      # stops at step 4
+  assert sorted(int(p.name) for p in (resumed / "checkpoints" / "latest").iterdir()
+                if p.name.isdigit()) == [4]
+  train.train_and_evaluate(_config(phantom_root, steps=8), resumed)      # the same command again
+  step_a, leaves_a = _leaves(straight)
+  step_b, leaves_b = _leaves(resumed)
+  assert step_a == step_b == 8
+  assert len(leaves_a) == len(leaves_b)
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The metrics of the resumed run hold each step once.
+  steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()
+           if "loss" in line]
+  assert steps == [2, 4, 6, 8]
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    phantom_root, tmp_path, monkeypatch):
+  real = train.make_train_step
+
+  def poisoned(method, config):
+    step = real(method, config)
+
+    def wrapped(state, batch):
+      state, metrics = step(state, batch)
+      # From step 6 on, the loss is NaN (as after a divergence).
+      metrics = dict(metrics, loss=jax.numpy.where(state.step >= 6, jax.numpy.nan, metrics["loss"]))
+      return state, metrics
+    return wrapped
+
+  monkeypatch.setattr(train, "make_train_step", poisoned)
+  workdir = tmp_path / "nan"
+  with pytest.raises(train.TrainingDiverged, match=r"step 6: non-finite .*loss"):
+    train.train_and_evaluate(_config(phantom_root), workdir)
+  kept = sorted(int(p.name) for p in (workdir / "checkpoints" / "latest").iterdir()
+                if p.name.isdigit())
+  assert kept == [4]
+  assert not (workdir / "summary.json").exists()
+
+
+def test_evaluate_mode_rewrites_the_summary_from_the_checkpoint(phantom_root, tmp_path):
+  workdir = tmp_path / "ev"
+  first = train.train_and_evaluate(_config(phantom_root), workdir)
+  (workdir / "summary.json").unlink()
+  again = train.evaluate(_config(phantom_root), workdir)
+  assert again["modalities"] == first["modalities"]
+  config = _config(phantom_root)
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    train.evaluate(config, tmp_path / "empty")
+
+
+def test_batches_are_sharded_over_the_data_axis():
+  mesh = train.make_mesh()
+  assert mesh.shape["data"] == jax.device_count() == 2      # tests/conftest.py: two CPU devices
+  batch = {"mr": {"image": np.zeros((4, 8, 8, 1), np.float32)}}
+  sharded = train.shard_batch(batch, mesh)
+  assert sharded["mr"]["image"].sharding.spec == P("data")
+  shards = sharded["mr"]["image"].addressable_shards
+  assert sorted(s.data.shape[0] for s in shards) == [2, 2]
+
+
+def test_odd_batch_size_for_the_mesh_is_named(phantom_root, tmp_path):
+  config = _config(phantom_root)
+  config.train.batch_size = 3
+  with pytest.raises(ValueError, match="train.batch_size"):
+    train.train_and_evaluate(config, tmp_path / "odd")

@@ -1,0 +1,467 @@
+"""The one trainer for every method: data, mesh, state, update loop, checkpoints, logs, evaluation.
+
+  python -m unpaired_seg.main --config=configs/joint.py --workdir=runs/joint
+
+Re-running the same command resumes from the latest checkpoint in the workdir. Everything a run
+needs to be reproduced is in the workdir: config.json, splits.json, versions, metrics.jsonl,
+TensorBoard events (tb/), train.log, checkpoints/{latest,best}, summary.json.
+"""
+
+import dataclasses
+import json
+import logging as std_logging
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from unpaired_seg import config_schema
+from unpaired_seg import evaluate as evaluate_lib
+from unpaired_seg import methods
+from unpaired_seg import rng
+from unpaired_seg.data import augment as augment_lib
+from unpaired_seg.data import dataset as ds
+from unpaired_seg.data import phantom
+from unpaired_seg.data import pipeline
+
+
+class TrainingDiverged(FloatingPointError):
+  """A loss or metric became NaN or inf."""
+
+
+# =============================================================================================
+# Workdir, logging, provenance.
+# =============================================================================================
+
+def setup_workdir(config: ml_collections.ConfigDict, workdir: os.PathLike) -> pathlib.Path:
+  """Validates the config, creates the workdir, logs to a file there and writes config.json."""
+  config_schema.validate(config, methods.REGISTRY)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _log_to_file(workdir)
+  pipeline.write_json_atomic(workdir / "config.json", config.to_dict())
+  pipeline.write_json_atomic(workdir / "versions.json", provenance())
+  logging.info("config:\n%s", config)
+  logging.info("JAX %s, process %d of %d, devices: %s", jax.__version__, jax.process_index(),
+               jax.process_count(), jax.devices())
+  return workdir
+
+
+class _QuietLibraries:
+  """Drops INFO records from orbax and JAX internals: every checkpoint would log dozens of lines."""
+  _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in self._NOISY)
+
+
+def _log_to_file(workdir: pathlib.Path) -> None:
+  handler = logging.get_absl_handler()
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _QuietLibraries) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietLibraries())
+  try:
+    handler.use_absl_log_file("train", str(workdir))
+    # Keep the terminal informed as well as the file.
+    from absl import flags
+    if flags.FLAGS.is_parsed():
+      flags.FLAGS.alsologtostderr = True
+  except OSError as e:  # an unwritable log file must not stop training
+    logging.warning("could not log to %s: %s", workdir, e)
+
+
+def provenance() -> dict:
+  """Git revision and package versions, saved with every run."""
+  versions = {"python": platform.python_version()}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "numpy", "nibabel"):
+    try:
+      module = __import__(name, fromlist=["__version__"])
+      versions[name] = getattr(module, "__version__", "?")
+    except ImportError:
+      versions[name] = None
+  try:
+    root = pathlib.Path(__file__).resolve().parents[1]
+    versions["git"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                                     capture_output=True, text=True, timeout=5).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    versions["git"] = None
+  return versions
+
+
+# =============================================================================================
+# Data.
+# =============================================================================================
+
+def default_cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("UNPAIRED_SEG_CACHE",
+                                     pathlib.Path.home() / ".cache" / "unpaired_seg"))
+
+
+def resolve_dataset(config: ml_collections.ConfigDict) -> ds.Manifest:
+  """The manifest of the configured dataset; the phantom is generated on first use."""
+  data = config.data
+  if data.dataset == "phantom":
+    p = data.phantom
+    shape = tuple(int(s) for s in p.shape)
+    root = pathlib.Path(data.root) if data.root else default_cache_dir() / (
+        f"phantom_{p.mode}_n{p.num_subjects}_{'x'.join(map(str, shape))}_seed{p.seed}")
+    return phantom.ensure(root, mode=p.mode, num_subjects=p.num_subjects, shape=shape, seed=p.seed,
+                          modalities=tuple(data.modalities))
+  return ds.load_manifest(pathlib.Path(data.root))
+
+
+@dataclasses.dataclass
+class Data:
+  manifest: ds.Manifest
+  modalities: tuple[str, ...]
+  splits: dict
+  cases: dict[str, dict[str, list[pipeline.PreparedCase]]]   # part -> modality -> cases
+  samplers: dict[str, pipeline.SliceSampler]
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.manifest.labels
+
+
+def load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data:
+  manifest = resolve_dataset(config)
+  modalities = tuple(config.data.modalities)
+  for m in modalities:
+    if m not in manifest.modalities:
+      raise config_schema.ConfigError(
+          f"config key 'data.modalities': {m!r} is not in {manifest.root / 'dataset.json'} "
+          f"(it has {sorted(manifest.modalities)})")
+  splits = pipeline.load_or_create_splits(workdir / "splits.json", manifest, modalities,
+                                          config.data.split.to_dict(), seed=config.seed)
+  cases = {"train": {}, "val": {}, "test": {}}
+  for m in modalities:
+    prepared = pipeline.prepare_cases(ds.load_modality(manifest, m), manifest.modalities[m],
+                                      tuple(config.data.image_size))
+    for part in cases:
+      cases[part][m] = pipeline.cases_in(prepared, splits, part)
+    logging.info("%s: %d train, %d val, %d test volumes", m, len(cases["train"][m]),
+                 len(cases["val"][m]), len(cases["test"][m]))
+  samplers = {
+      m: pipeline.SliceSampler(cases["train"][m], config.train.batch_size,
+                               config.data.foreground_fraction, config.data.context_slices,
+                               seed=config.seed, stream=i)
+      for i, m in enumerate(modalities)}
+  return Data(manifest, modalities, splits, cases, samplers)
+
+
+def host_batch(data: Data, step: int) -> dict:
+  """The global batch of `step` on the host, one stream per modality."""
+  out = {}
+  for m, sampler in data.samplers.items():
+    b = sampler.batch(step)
+    out[m] = {"image": b["image"], "label": b["label"],
+              "labelled": np.ones((b["image"].shape[0],), np.float32)}
+  return out
+
+
+# =============================================================================================
+# Mesh and sharding.
+# =============================================================================================
+
+def make_mesh() -> Mesh:
+  """All devices on one `data` axis (one device on a laptop)."""
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def shard_batch(batch: Mapping, mesh: Mesh):
+  """Puts this process's rows of the global host batch on the mesh, batch axis on `data`."""
+  sharding = NamedSharding(mesh, P("data"))
+  n, i = jax.process_count(), jax.process_index()
+
+  def put(x):
+    rows = x.shape[0] // n
+    return jax.make_array_from_process_local_data(sharding, x[i * rows:(i + 1) * rows],
+                                                  global_shape=x.shape)
+  return jax.tree.map(put, batch)
+
+
+def replicate(tree, mesh: Mesh):
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+# =============================================================================================
+# Update step.
+# =============================================================================================
+
+def make_train_step(method, config: ml_collections.ConfigDict):
+  """The jitted update: on-device augmentation, then the method's own step. State is donated."""
+  aug = config.data.augment
+  seed = config.seed
+
+  def step_fn(state, batch):
+    key = jax.random.fold_in(rng.prng_key(seed), state.step)
+    aug_rng, method_rng = jax.random.split(key)
+    if aug.enabled:
+      batch = dict(batch)
+      for i, m in enumerate(sorted(batch)):
+        image, label = augment_lib.augment_batch(
+            jax.random.fold_in(aug_rng, i), batch[m]["image"], batch[m]["label"],
+            rotate_deg=aug.rotate_deg, scale=tuple(aug.scale), flip=aug.flip)
+        batch[m] = {**batch[m], "image": image, "label": label}
+    return method.train_step(state, batch, method_rng)
+
+  return jax.jit(step_fn, donate_argnums=(0,))
+
+
+# =============================================================================================
+# Checkpoints.
+# =============================================================================================
+
+class Checkpoints:
+  """The latest N checkpoints and the best one by validation Dice, each written atomically."""
+
+  def __init__(self, workdir: pathlib.Path, keep: int):
+    root = workdir / "checkpoints"
+    self.latest = ocp.CheckpointManager(
+        root / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self.best = ocp.CheckpointManager(
+        root / "best", options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, best_fn=lambda m: m["val_dice"], best_mode="max"))
+
+  def save_latest(self, step: int, state, force: bool = False) -> None:
+    self.latest.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def save_best(self, step: int, state, val_dice: float) -> None:
+    self.best.save(step, args=ocp.args.StandardSave(state), metrics={"val_dice": val_dice},
+                   force=True)
+
+  def restore(self, which: str, target):
+    """Restores `which` ('latest' or 'best') into the structure of `target`; None if absent."""
+    manager = self.latest if which == "latest" else self.best
+    step = manager.latest_step() if which == "latest" else manager.best_step()
+    if step is None:
+      return None, None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+# =============================================================================================
+# Metric writers: JSONL and TensorBoard event files (no TensorFlow).
+# =============================================================================================
+
+class MetricWriter:
+  """Appends metrics to metrics.jsonl and TensorBoard events; on resume drops rows past the step."""
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int):
+    self.path = workdir / "metrics.jsonl"
+    if self.path.exists():
+      kept = [line for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      tmp = self.path.with_suffix(".jsonl.tmp")
+      tmp.write_text("".join(line + "\n" for line in kept))
+      os.replace(tmp, self.path)
+    self._tb = None
+    if jax.process_index() == 0:
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(str(workdir / "tb"))
+      except ImportError:
+        logging.warning("tensorboardX is not installed: no TensorBoard events")
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if jax.process_index() != 0:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, float(v), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Chrono:
+  """Steps per second and ETA, measured from the first step after compilation."""
+
+  def __init__(self, first_step: int, total_steps: int):
+    self.total = total_steps
+    self.start_step = None
+    self.start_time = None
+    self.first_step = first_step
+
+  def tick(self, step: int) -> None:
+    if self.start_step is None and step > self.first_step:   # the first step paid for compilation
+      self.start_step, self.start_time = step, time.perf_counter()
+
+  def rate(self, step: int) -> tuple[float, float]:
+    """(steps/s, ETA seconds); NaN until two timed steps exist."""
+    if self.start_step is None or step <= self.start_step:
+      return float("nan"), float("nan")
+    rate = (step - self.start_step) / (time.perf_counter() - self.start_time)
+    return rate, (self.total - step) / rate
+
+
+def check_finite(step: int, metrics: Mapping[str, float]) -> None:
+  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    raise TrainingDiverged(
+        f"step {step}: non-finite {bad}; training stopped. The last good checkpoint is kept "
+        f"in the workdir; lower train.learning_rate or check the data.")
+
+
+# =============================================================================================
+# Train and evaluate.
+# =============================================================================================
+
+def build(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+  """Data, mesh, method, initial state and checkpoints; shared by training and evaluation."""
+  data = load_data(config, workdir)
+  mesh = make_mesh()
+  n_shards = mesh.shape["data"]
+  if config.train.batch_size % n_shards:
+    raise config_schema.ConfigError(
+        f"config key 'train.batch_size' ({config.train.batch_size}) must be divisible by the "
+        f"{n_shards} data-parallel devices")
+  method = methods.create(config, num_classes=len(data.class_names), modalities=data.modalities,
+                          num_data_shards=n_shards)
+  example = host_batch(data, 0)
+  state = method.init(rng.prng_key(config.seed), example)
+  checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
+  return data, mesh, method, state, checkpoints
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike) -> dict:
+  """Trains (resuming from the workdir if a checkpoint is there), then evaluates on the test split.
+
+  Returns:
+    The summary written to workdir/summary.json.
+  """
+  workdir = setup_workdir(config, workdir)
+  data, mesh, method, state, checkpoints = build(config, workdir)
+  for k, v in method.parameter_counts(state).items():
+    logging.info("parameters %s: %d", k, v)
+  restored, start = checkpoints.restore("latest", state)
+  if restored is not None:
+    state = restored
+    logging.info("resumed from step %d of %s", start, checkpoints.latest.directory)
+  start = int(start or 0)
+  state = replicate(state, mesh)
+  train_step = make_train_step(method, config)
+  predictor = evaluate_lib.make_predictor(method)
+  writer = MetricWriter(workdir, resume_step=start)
+  chrono = Chrono(start, config.train.steps)
+  total = config.train.steps
+  logging.info("training %s from step %d to %d", config.method, start, total)
+
+  step = start
+  try:
+    for step in range(start + 1, total + 1):
+      batch = shard_batch(host_batch(data, step - 1), mesh)
+      state, step_metrics = train_step(state, batch)
+      chrono.tick(step)
+      log_now = step % config.train.log_every == 0 or step == total
+      save_now = step % config.train.checkpoint_every == 0 or step == total
+      eval_now = step % config.train.eval_every == 0 or step == total
+      if log_now or save_now or eval_now:
+        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        check_finite(step, scalars)
+        rate, eta = chrono.rate(step)
+        if log_now:
+          scalars["steps_per_s"] = rate
+          writer.write(step, scalars)
+          logging.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %s", step, total,
+                       scalars["loss"], rate, _format_seconds(eta))
+      if eval_now:
+        val = evaluate_lib.evaluate_cases(
+            predictor, state, _first(data.cases["val"], config.eval.max_val_cases),
+            data.class_names, context_slices=config.data.context_slices,
+            batch_size=config.eval.batch_size)
+        val_dice = evaluate_lib.mean_foreground_dice(val)
+        writer.write(step, {"val_dice": val_dice,
+                            **{f"val_dice_{m}": r["mean"]["dice"] for m, r in val.items()}})
+        logging.info("step %d  validation mean foreground Dice %.4f", step, val_dice)
+        checkpoints.save_best(step, state, val_dice)
+      if save_now:
+        checkpoints.save_latest(step, state)
+      if checkpoints.latest.reached_preemption(step):
+        checkpoints.save_latest(step, state, force=True)
+        checkpoints.wait()
+        logging.warning("preempted at step %d; checkpoint saved, re-run the command to resume", step)
+        return {}
+  finally:
+    checkpoints.wait()
+    writer.close()
+
+  result = evaluate(config, workdir, method=method, data=data, state_template=state,
+                    checkpoints=checkpoints, predictor=predictor)
+  checkpoints.close()
+  return result
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike, *, method=None, data=None,
+             state_template=None, checkpoints=None, predictor=None) -> dict:
+  """Evaluates the configured checkpoint on the test split and writes summary.json."""
+  workdir = pathlib.Path(workdir)
+  owns = checkpoints is None
+  if method is None:
+    workdir = setup_workdir(config, workdir)
+    data, _, method, state_template, checkpoints = build(config, workdir)
+    predictor = evaluate_lib.make_predictor(method)
+  which = config.eval.checkpoint
+  state, step = checkpoints.restore(which, state_template)
+  if state is None and which == "best":
+    which = "latest"
+    state, step = checkpoints.restore(which, state_template)
+  if state is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
+  logging.info("evaluating the %s checkpoint (step %d) on the test split", which, step)
+  result = evaluate_lib.evaluate_cases(
+      predictor, state, data.cases["test"], data.class_names,
+      context_slices=config.data.context_slices, batch_size=config.eval.batch_size)
+  out = evaluate_lib.summary(config.method, data.manifest.name, result, split="test",
+                             checkpoint_step=step, checkpoint=which)
+  pipeline.write_json_atomic(workdir / "summary.json", out)
+  table = evaluate_lib.log_table(result, data.class_names)
+  (workdir / "summary.txt").write_text(table + "\n")
+  if owns:
+    checkpoints.close()
+  return out
+
+
+def _first(cases: Mapping[str, list], n: int) -> dict[str, list]:
+  return {m: c[:n] for m, c in cases.items()}
+
+
+def _format_seconds(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "--"
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def main_entry(argv_config, workdir: str, mode: str) -> None:
+  """Called by main.py; kept here so main.py holds no logic."""
+  if mode == "train":
+    train_and_evaluate(argv_config, workdir)
+  elif mode == "evaluate":
+    evaluate(argv_config, workdir)
+  else:
+    raise ValueError(f"--mode must be train or evaluate, got {mode!r}")
+  sys.stdout.flush()
