@@ -160,8 +160,14 @@ def load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data:
   return Data(manifest, modalities, splits, cases, samplers)
 
 
-def host_batch(data: Data, step: int) -> dict:
-  """The global batch of `step` on the host, one stream per modality."""
+def host_batch(data: Data, step: int, method=None) -> dict:
+  """The global batch of `step` on the host, one stream per modality.
+
+  A method that needs other batches (e.g. pairs of slices across modalities) defines
+  `host_batch(data, step)` itself; it must be a pure function of the step, as this one is.
+  """
+  if method is not None and hasattr(method, "host_batch"):
+    return method.host_batch(data, step)
   out = {}
   for m, sampler in data.samplers.items():
     b = sampler.batch(step)
@@ -341,7 +347,7 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path):
         f"{n_shards} data-parallel devices")
   method = methods.create(config, num_classes=len(data.class_names), modalities=data.modalities,
                           num_data_shards=n_shards)
-  example = host_batch(data, 0)
+  example = host_batch(data, 0, method)
   state = method.init(rng.prng_key(config.seed), example)
   checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
   return data, mesh, method, state, checkpoints
@@ -373,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike) 
   step = start
   try:
     for step in range(start + 1, total + 1):
-      batch = shard_batch(host_batch(data, step - 1), mesh)
+      batch = shard_batch(host_batch(data, step - 1, method), mesh)
       state, step_metrics = train_step(state, batch)
       chrono.tick(step)
       log_now = step % config.train.log_every == 0 or step == total
