@@ -54,6 +54,10 @@ def get_base_config(tiny: bool = False) -> ConfigDict:
   c.data.image_size = (64, 64)        # in-plane crop/pad size of the 2D slices
   c.data.context_slices = 0           # 0: 2D; 1: 2.5D (three adjacent slices as channels)
   c.data.foreground_fraction = 0.5    # share of sampled slices that contain a labelled structure
+  # Semi-supervision: only `label_fraction` of the target modality's training SUBJECTS keep their
+  # labels (0.0 = zero-shot); '' = every modality fully labelled.
+  c.data.target_modality = ""
+  c.data.label_fraction = 1.0
   c.data.split = ConfigDict(dict(train=0.6, val=0.2, test=0.2))
   c.data.augment = ConfigDict(dict(enabled=True, rotate_deg=15.0, scale=(0.9, 1.1), flip=False))
 

@@ -127,3 +127,35 @@ def test_odd_batch_size_for_the_mesh_is_named(phantom_root, tmp_path):
   config.train.batch_size = 3
   with pytest.raises(ValueError, match="train.batch_size"):
     train.train_and_evaluate(config, tmp_path / "odd")
+
+
+def test_label_fraction_keeps_labels_of_whole_subjects(phantom_root, tmp_path):
+  config = _config(phantom_root)
+  config.data.split = {"train": 0.5, "val": 0.25, "test": 0.25}
+  config.data.target_modality = "ct"
+  config.data.label_fraction = 0.5
+  workdir = tmp_path / "semi"
+  workdir.mkdir()
+  data = train.load_data(config, workdir)
+  kept = json.loads((workdir / "labelled_subjects.json").read_text())["ct"]
+  train_ct = data.cases["train"]["ct"]
+  subjects = {c.subject for c in train_ct}
+  assert len(kept) == round(0.5 * len(subjects)) and set(kept) <= subjects
+  for c in train_ct:
+    assert (c.label is not None) == (c.subject in kept)
+  assert all(c.label is not None for c in data.cases["train"]["mr"])
+  assert all(c.label is not None for c in data.cases["test"]["ct"])   # evaluation keeps labels
+  # The batch flags exactly the samples drawn from labelled subjects; MR stays fully labelled.
+  for step in range(4):
+    batch = train.host_batch(data, step)
+    idx = data.samplers["ct"].indices(step)[:, 0]
+    expected = [float(train_ct[i].subject in kept) for i in idx]
+    np.testing.assert_array_equal(batch["ct"]["labelled"], expected)
+    assert batch["mr"]["labelled"].min() == 1.0
+  # Zero-shot: no CT label at all, and a reload reads the same choice back.
+  config.data.label_fraction = 0.0
+  zero = tmp_path / "zero"
+  zero.mkdir()
+  data0 = train.load_data(config, zero)
+  assert all(c.label is None for c in data0.cases["train"]["ct"])
+  assert train.load_data(config, zero).cases["train"]["ct"][0].label is None

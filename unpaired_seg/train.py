@@ -152,12 +152,41 @@ def load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data:
       cases[part][m] = pipeline.cases_in(prepared, splits, part)
     logging.info("%s: %d train, %d val, %d test volumes", m, len(cases["train"][m]),
                  len(cases["val"][m]), len(cases["test"][m]))
+  cases["train"] = drop_labels(config, cases["train"], workdir)
   samplers = {
       m: pipeline.SliceSampler(cases["train"][m], config.train.batch_size,
                                config.data.foreground_fraction, config.data.context_slices,
                                seed=config.seed, stream=i)
       for i, m in enumerate(modalities)}
   return Data(manifest, modalities, splits, cases, samplers)
+
+
+def drop_labels(config: ml_collections.ConfigDict, train_cases: dict, workdir: pathlib.Path) -> dict:
+  """Keeps the labels of `data.label_fraction` of the target modality's training subjects.
+
+  The choice is per subject (never per slice), seeded, and written to `labelled_subjects.json`; a
+  resumed run reads it back instead of drawing again.
+  """
+  target = config.data.target_modality
+  if not target:
+    return train_cases
+  if target not in train_cases:
+    raise config_schema.ConfigError(
+        f"config key 'data.target_modality': {target!r} is not one of {sorted(train_cases)}")
+  path = workdir / "labelled_subjects.json"
+  subjects = sorted({c.subject for c in train_cases[target]})
+  if path.exists():
+    keep = set(json.loads(path.read_text())[target])
+  else:
+    n_keep = int(round(config.data.label_fraction * len(subjects)))
+    order = np.random.default_rng([config.seed, 7]).permutation(subjects)
+    keep = set(order[:n_keep].tolist())
+    pipeline.write_json_atomic(path, {target: sorted(keep)})
+  logging.info("%s: %d of %d training subjects keep their labels", target, len(keep), len(subjects))
+  out = dict(train_cases)
+  out[target] = [c if c.subject in keep else dataclasses.replace(c, label=None)
+                 for c in train_cases[target]]
+  return out
 
 
 def host_batch(data: Data, step: int, method=None) -> dict:
@@ -171,8 +200,7 @@ def host_batch(data: Data, step: int, method=None) -> dict:
   out = {}
   for m, sampler in data.samplers.items():
     b = sampler.batch(step)
-    out[m] = {"image": b["image"], "label": b["label"],
-              "labelled": np.ones((b["image"].shape[0],), np.float32)}
+    out[m] = {"image": b["image"], "label": b["label"], "labelled": b["labelled"]}
   return out
 
 

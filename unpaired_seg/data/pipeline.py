@@ -254,8 +254,11 @@ class SliceSampler:
     for ci, z in idx:
       c = self.cases[ci]
       images.append(slice_stack(c.image, np.array([z]), self.context)[0])
-      labels.append(c.label[:, :, z])
+      # An unlabelled case (semi-supervised training) contributes an all-background map; the
+      # batch's `labelled` flag, not this map, tells the loss to ignore it.
+      labels.append(c.label[:, :, z] if c.label is not None else np.zeros(c.image.shape[:2], np.uint8))
     return {"image": np.stack(images).astype(np.float32),
             "label": np.stack(labels).astype(np.int32),
+            "labelled": np.array([self.cases[ci].label is not None for ci in idx[:, 0]], np.float32),
             "case_index": idx[:, 0].astype(np.int32),
             "slice_index": idx[:, 1].astype(np.int32)}
