@@ -93,3 +93,21 @@ def test_prediction_shape():
   state = method.init(rng.prng_key(0), batch)
   logits = method.predict(state, batch["ct"]["image"], "ct")
   assert logits.shape == (4, 32, 32, 5)
+
+
+def test_per_modality_copies_hold_only_their_own_norm_variables():
+  method = methods.create(_config("individual"), 5, ("mr", "ct"))
+  params = method.init(rng.prng_key(0), _batch()).params
+  assert all(k.endswith("_mr") for k in params["norm_mr"])
+  assert all(k.endswith("_ct") for k in params["norm_ct"])
+  joint = methods.create(_config("joint"), 5, ("mr", "ct"))
+  assert count_parameters(params["norm_mr"]) == count_parameters(
+      joint.init(rng.prng_key(0), _batch()).params["norm_shared"])
+
+
+def test_intermediate_features_can_be_collected():
+  method = methods.create(_config("joint"), 5, ("mr", "ct"))
+  state = method.init(rng.prng_key(0), _batch())
+  _, inter = method.network.apply({**state.params, **state.stats}, _batch()["mr"]["image"],
+                                  modality="mr", train=False, mutable=["intermediates"])
+  assert {"bottleneck_features", "dec0_features"} <= set(inter["intermediates"])

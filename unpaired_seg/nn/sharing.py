@@ -47,6 +47,14 @@ class Sharing:
   def norm_groups(self) -> tuple[str, ...]:
     return self.modalities if self.norm_per_modality else (SHARED_GROUP,)
 
+  def groups_for_block(self, module_name: str) -> tuple[str, ...]:
+    """Norm groups a block's module needs: a modality's own copy needs only that modality's."""
+    if self.norm_per_modality:
+      for m in self.modalities:
+        if module_name.endswith(f"_{m}") and self.is_per_modality(module_name[: -len(m) - 1]):
+          return (m,)
+    return self.norm_groups
+
   def norm_group(self, modality: str) -> str:
     if modality not in self.modalities:
       raise ValueError(f"unknown modality {modality!r}; the model serves {self.modalities}")
@@ -58,7 +66,8 @@ def shared_or_per_modality(parent: nn.Module, sharing: Sharing, block: str,
   """Runs block `block` for `modality`, building per-modality copies where the sharing says so.
 
   Must be called from inside `parent`'s compact method. At init every modality's copy is run once so
-  that all of them exist; afterwards only the modality's own copy runs.
+  that all of them exist; afterwards only the modality's own copy runs. Blocks that normalise take
+  their norm group as the keyword argument `group`.
 
   Args:
     parent: the calling module (for `is_initializing`).
@@ -74,7 +83,11 @@ def shared_or_per_modality(parent: nn.Module, sharing: Sharing, block: str,
   if not sharing.is_per_modality(block):
     return make(block)(*args, **kwargs)
   if parent.is_initializing():
-    outputs = {m: make(f"{block}_{m}")(*args, **kwargs) for m in sharing.modalities}
+    outputs = {}
+    for m in sharing.modalities:
+      # Each copy is initialised under its own modality's norm group (passed as `group=`).
+      kw = {**kwargs, "group": sharing.norm_group(m)} if "group" in kwargs else kwargs
+      outputs[m] = make(f"{block}_{m}")(*args, **kw)
     return outputs[modality]
   return make(f"{block}_{modality}")(*args, **kwargs)
 

@@ -94,13 +94,13 @@ class UNet(nn.Module):
       raise ValueError(f"U-Net of depth {self.depth} needs spatial sizes divisible by {factor}, "
                        f"got {x.shape[1:-1]}")
     group = self.sharing.norm_group(modality)
-    groups = self.sharing.norm_groups
 
-    def block(name, *args):
-      return shared_or_per_modality(self, self.sharing, name, lambda n: _make(n), modality, *args)
+    def block(name, *args, **kwargs):
+      return shared_or_per_modality(self, self.sharing, name, _make, modality, *args, **kwargs)
 
     def _make(name):
       base = name.split("_")[0]
+      groups = self.sharing.groups_for_block(name)
       if base.startswith("enc"):
         return ConvBlock(self.width(int(base[3:])), self.norm, groups, self.ndim, name=name)
       if base == "bottleneck":
@@ -111,12 +111,12 @@ class UNet(nn.Module):
 
     skips = []
     for level in range(self.depth):
-      x = block(f"enc{level}", x, group, train)
+      x = block(f"enc{level}", x, group=group, train=train)
       skips.append(x)
       x = nn.max_pool(x, (2,) * self.ndim, strides=(2,) * self.ndim)
-    x = block("bottleneck", x, group, train)
-    self.sow("intermediates", "bottleneck", x)
+    x = block("bottleneck", x, group=group, train=train)
+    self.sow("intermediates", "bottleneck_features", x)
     for level in reversed(range(self.depth)):
-      x = block(f"dec{level}", x, skips[level], group, train)
-      self.sow("intermediates", f"dec{level}", x)
+      x = block(f"dec{level}", x, skips[level], group=group, train=train)
+      self.sow("intermediates", f"dec{level}_features", x)
     return block("head", x)
