@@ -159,3 +159,17 @@ def test_label_fraction_keeps_labels_of_whole_subjects(phantom_root, tmp_path):
   data0 = train.load_data(config, zero)
   assert all(c.label is None for c in data0.cases["train"]["ct"])
   assert train.load_data(config, zero).cases["train"]["ct"][0].label is None
+
+
+def test_resume_after_a_kill_between_a_best_and_a_latest_save(phantom_root, tmp_path):
+  """A kill can leave a 'best' checkpoint newer than the latest one (and a partial save)."""
+  import shutil
+  workdir = tmp_path / "killed"
+  train.train_and_evaluate(_config(phantom_root, steps=8), workdir)
+  # As if killed while writing step 8: the latest step-8 save never finished, best/8 did.
+  latest8 = workdir / "checkpoints" / "latest" / "8"
+  shutil.move(latest8, latest8.with_name("8.orbax-checkpoint-tmp"))
+  (workdir / "summary.json").unlink()
+  train.train_and_evaluate(_config(phantom_root, steps=8), workdir)
+  assert (workdir / "summary.json").exists()
+  assert (workdir / "checkpoints" / "latest" / "8").is_dir()

@@ -135,6 +135,11 @@ class Data:
 
 
 def load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data:
+  """Splits, normalisation (training-split statistics), prepared cases and samplers.
+
+  Writes splits.json, normalization.json and model_info.json (what `predict` needs) into the
+  workdir; the first two are reused, and checked, when they exist.
+  """
   manifest = resolve_dataset(config)
   modalities = tuple(config.data.modalities)
   for m in modalities:
@@ -144,15 +149,27 @@ def load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data:
           f"(it has {sorted(manifest.modalities)})")
   splits = pipeline.load_or_create_splits(workdir / "splits.json", manifest, modalities,
                                           config.data.split.to_dict(), seed=config.seed)
+  volumes = {m: ds.load_modality(manifest, m) for m in modalities}
+  normalization = pipeline.load_or_fit_normalization(
+      workdir / "normalization.json",
+      pipeline.resolve_normalization(manifest, modalities, config.data.normalization),
+      {m: pipeline.cases_in(volumes[m], splits, "train") for m in modalities})
   cases = {"train": {}, "val": {}, "test": {}}
   for m in modalities:
-    prepared = pipeline.prepare_cases(ds.load_modality(manifest, m), manifest.modalities[m],
-                                      tuple(config.data.image_size))
+    prepared = pipeline.prepare_cases(volumes.pop(m), normalization[m],
+                                      tuple(config.data.image_size), crop=config.data.crop,
+                                      manifest=manifest)
     for part in cases:
       cases[part][m] = pipeline.cases_in(prepared, splits, part)
-    logging.info("%s: %d train, %d val, %d test volumes", m, len(cases["train"][m]),
-                 len(cases["val"][m]), len(cases["test"][m]))
+    logging.info("%s: %d train, %d val, %d test volumes (%s)", m, len(cases["train"][m]),
+                 len(cases["val"][m]), len(cases["test"][m]), normalization[m]["scheme"])
   cases["train"] = drop_labels(config, cases["train"], workdir)
+  everything = [c for part in cases.values() for m_cases in part.values() for c in m_cases]
+  pipeline.write_json_atomic(workdir / "model_info.json", pipeline.model_info(
+      method=config.method, class_names=manifest.labels, modalities=modalities,
+      image_size=config.data.image_size, context_slices=config.data.context_slices,
+      crop=config.data.crop, target_spacing=pipeline.target_spacing_of(everything),
+      normalization=normalization, dataset=manifest.name))
   samplers = {
       m: pipeline.SliceSampler(cases["train"][m], config.train.batch_size,
                                config.data.foreground_fraction, config.data.context_slices,
@@ -268,12 +285,18 @@ class Checkpoints:
         root / "best", options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=True, best_fn=lambda m: m["val_dice"], best_mode="max"))
 
+  # A run killed after a 'best' save but before the next 'latest' one resumes from an earlier step
+  # and reaches that step again; training is deterministic, so the state saved then is the same and
+  # the existing checkpoint is kept.
+
   def save_latest(self, step: int, state, force: bool = False) -> None:
-    self.latest.save(step, args=ocp.args.StandardSave(state), force=force)
+    if step not in self.latest.all_steps():
+      self.latest.save(step, args=ocp.args.StandardSave(state), force=force)
 
   def save_best(self, step: int, state, val_dice: float) -> None:
-    self.best.save(step, args=ocp.args.StandardSave(state), metrics={"val_dice": val_dice},
-                   force=True)
+    if step not in self.best.all_steps():
+      self.best.save(step, args=ocp.args.StandardSave(state), metrics={"val_dice": val_dice},
+                     force=True)
 
   def restore(self, which: str, target):
     """Restores `which` ('latest' or 'best') into the structure of `target`; None if absent."""
@@ -446,12 +469,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike) 
   result = evaluate(config, workdir, method=method, data=data, state_template=state,
                     checkpoints=checkpoints, predictor=predictor)
   checkpoints.close()
+  if jax.process_index() == 0:
+    from unpaired_seg import report  # matplotlib is loaded only here
+    report.plot_progress(workdir / "metrics.jsonl", workdir / "progress.png")
   return result
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike, *, method=None, data=None,
              state_template=None, checkpoints=None, predictor=None) -> dict:
-  """Evaluates the configured checkpoint on the test split and writes summary.json."""
+  """Evaluates the configured checkpoint on the test split and writes summary.json.
+
+  Also summary.txt (a table per metric), summary_per_case.csv, and the first
+  `eval.save_predictions` test predictions per modality under predictions/ (for `compare`).
+  """
   workdir = pathlib.Path(workdir)
   owns = checkpoints is None
   if method is None:
@@ -465,14 +495,37 @@ def evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike, *, method=
     state, step = checkpoints.restore(which, state_template)
   if state is None:
     raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
-  logging.info("evaluating the %s checkpoint (step %d) on the test split", which, step)
+  logging.info("evaluating the %s checkpoint (step %d) on the test split, %s grid", which, step,
+               config.eval.grid)
+  settings = {"surface_tolerance_mm": config.eval.surface_tolerance_mm,
+              "hd95_variant": config.eval.hd95_variant, "assd_variant": config.eval.assd_variant}
+  writer = evaluate_lib.PredictionWriter(workdir / evaluate_lib.PREDICTIONS_DIR,
+                                         config.eval.save_predictions)
   result = evaluate_lib.evaluate_cases(
       predictor, state, data.cases["test"], data.class_names,
-      context_slices=config.data.context_slices, batch_size=config.eval.batch_size)
-  out = evaluate_lib.summary(config.method, data.manifest.name, result, split="test",
-                             checkpoint_step=step, checkpoint=which)
+      context_slices=config.data.context_slices, batch_size=config.eval.batch_size,
+      metrics=tuple(config.eval.metrics), settings=settings, grid=config.eval.grid,
+      overlap=config.eval.tile_overlap,
+      on_prediction=writer if config.eval.save_predictions else None)
+  split = config.data.split
+  out = evaluate_lib.summary(
+      config.method, data.manifest.name, result, split="test", checkpoint_step=step,
+      checkpoint=which, metrics=tuple(config.eval.metrics), settings=settings,
+      extra={"class_names": list(data.class_names), "modality_order": list(data.modalities),
+             "folds": split.folds, "fold": split.fold if split.folds else None,
+             "normalization": {m: json.loads((workdir / "normalization.json").read_text())
+                               ["modalities"][m] for m in data.modalities}})
+  if hasattr(method, "extra_evaluations"):
+    # Method-specific test results (e.g. MMSDNet's multi-input segmentation) beside the others.
+    out.update(method.extra_evaluations(state, data, config=config, workdir=workdir,
+                                        settings=settings, checkpoint_step=step))
   pipeline.write_json_atomic(workdir / "summary.json", out)
-  table = evaluate_lib.log_table(result, data.class_names)
+  # `predict` builds the state from the shapes of a training batch (methods may add keys).
+  info = json.loads((workdir / "model_info.json").read_text())
+  info["example_batch"] = evaluate_lib.batch_spec(host_batch(data, 0, method))
+  pipeline.write_json_atomic(workdir / "model_info.json", info)
+  (workdir / "summary_per_case.csv").write_text(evaluate_lib.per_case_csv(out["modalities"]))
+  table = evaluate_lib.log_table(result, data.class_names, tuple(config.eval.metrics))
   (workdir / "summary.txt").write_text(table + "\n")
   if owns:
     checkpoints.close()
