@@ -58,7 +58,13 @@ def get_base_config(tiny: bool = False) -> ConfigDict:
   # labels (0.0 = zero-shot); '' = every modality fully labelled.
   c.data.target_modality = ""
   c.data.label_fraction = 1.0
-  c.data.split = ConfigDict(dict(train=0.6, val=0.2, test=0.2))
+  # Per-subject split: fractions, or k-fold cross-validation with folds >= 2 (test = fold `fold`,
+  # validation a `val` share of the subjects of the other folds).
+  c.data.split = ConfigDict(dict(train=0.6, val=0.2, test=0.2, folds=0, fold=0))
+  # Per-modality override of the manifest's normalisation, e.g. 'ct=dataset_zscore' (statistics of
+  # the training split) or 'ct=clip_zscore:-200:300'; '' keeps the manifest's.
+  c.data.normalization = ""
+  c.data.crop = "body"                # training view cut around the body ('body') or the centre
   c.data.augment = ConfigDict(dict(enabled=True, rotate_deg=15.0, scale=(0.9, 1.1), flip=False))
 
   c.model = ConfigDict()
@@ -66,15 +72,37 @@ def get_base_config(tiny: bool = False) -> ConfigDict:
   c.model.features = 16
   c.model.depth = 4
   c.model.ndim = 2
+  # Keys of the other networks (model.name 'resfcn' / 'dilated'), read only by their network.
+  c.model.filters = (16, 64, 128, 256, 512)      # resfcn: channels per scale (DualStream)
+  c.model.units_per_scale = 3                     # resfcn
+  c.model.strides = (1, 2, 2, 2, 2)               # resfcn: per scale; the first must be 1
+  c.model.widths = (16, 32, 64, 128, 256, 256, 512)   # dilated (UMMKD Network-1)
+  c.model.head_channels = 0                       # dilated: 0 = 8 * classes
+  c.model.dropout = 0.0                           # resfcn and dilated (UMMKD: 0.25)
   c.model.sharing = ""                # '' = the method's own sharing preset
   c.model.norm = ConfigDict(dict(kind="batch", momentum=0.9, epsilon=1e-5, num_groups=8,
                                  sync=True))
 
-  c.loss = ConfigDict(dict(dice_weight=1.0, ce_weight=1.0))
+  c.loss = ConfigDict()
+  c.loss.dice_weight = 1.0
+  c.loss.ce_weight = 1.0
+  c.loss.class_weights = "none"      # 'batch': the UMMKD code's 1 - n_c / N, probs clipped
+  c.loss.ce_clip = 0.005             # lower clip of the probabilities with class_weights='batch'
+  c.loss.kd_weight = 0.0             # alpha of (alpha / 2) * L_kd (UMMKD: 0.5); 0 = off
+  c.loss.kd_temperature = 2.0
+  c.loss.kd_absent = "skip"          # 'uniform': the authors' code (absent class = zero logits)
+  c.loss.csa_weight = 0.0            # lambda of the affinity loss (Chen et al.: 0.5); 0 = off
+  c.loss.csa_layers = ()             # two sown blocks; () = the network's middle pair
+  c.loss.csa_class_specific = True   # False: the plain affinity (one all-ones mask)
+  c.loss.weight_decay = 0.0          # eta of the L2 term on kernels and norm params (UMMKD: 1e-4)
 
   c.train = ConfigDict()
   c.train.steps = 1000
   c.train.batch_size = 8              # per modality, global (split over the data-parallel devices)
+  # 'mixed': every step a batch of every modality; 'alternate': one modality per step (DualStream).
+  c.train.regime = "mixed"
+  c.train.adam_epsilon = 1e-8
+  c.train.patch_slices = 8            # 3D networks (model.ndim=3): patches of image_size x this
   c.train.learning_rate = 2e-3
   c.train.lr_decay = ConfigDict(dict(rate=1.0, every=1000))  # lr * rate ** (step / every)
   c.train.log_every = 50
@@ -83,13 +111,41 @@ def get_base_config(tiny: bool = False) -> ConfigDict:
   c.train.keep_checkpoints = 2
 
   c.eval = ConfigDict()
-  c.eval.batch_size = 32              # slices per prediction call (one compile)
+  c.eval.batch_size = 32              # tiles (slices) per prediction call (one compile)
   c.eval.checkpoint = "best"          # 'best' (by validation Dice) or 'latest'
   c.eval.max_val_cases = 4            # validation volumes per modality during training
+  # Test metrics per class per volume in 3D, in mm; per_slice_dice is the authors' 2D mode.
+  c.eval.metrics = ("dice", "hd95", "assd", "per_slice_dice")
+  c.eval.surface_tolerance_mm = 2.0   # of surface_dice
+  c.eval.hd95_variant = "max_directed"
+  c.eval.assd_variant = "mean_of_directed_means"
+  c.eval.grid = "source"              # 'source': the source files' geometry (prepared data)
+  c.eval.tile_overlap = 0.5           # inference tiles of data.image_size over larger slices
+  c.eval.save_predictions = 2         # test volumes per modality saved for overlays (compare)
 
   if tiny:
     shrink_to_tiny(c)
   return c
+
+
+def use_prepared_data(c: ConfigDict, root: str) -> None:
+  """The real abdominal CT/MR set as `python -m unpaired_seg.prepare` writes it at 2 mm, CPU-sized.
+
+  128 x 128 training views cut around the body (inference tiles the larger slices), CT z-scored
+  with the training split's statistics (its intensities are already windowed to uint8), a narrow
+  U-Net and 600 steps of 4 slices per modality: about seven minutes on two CPU cores.
+  """
+  c.data.dataset = "folder"
+  c.data.root = root
+  c.data.image_size = (128, 128)
+  c.data.normalization = "ct=dataset_zscore"
+  c.model.features = 8
+  c.train.batch_size = 4
+  c.train.steps = 600
+  c.train.log_every = 25
+  c.train.eval_every = 200
+  c.train.checkpoint_every = 200
+  c.eval.max_val_cases = 1
 
 
 def shrink_to_tiny(c: ConfigDict) -> None:
@@ -97,7 +153,7 @@ def shrink_to_tiny(c: ConfigDict) -> None:
   c.data.phantom.num_subjects = 6
   c.data.phantom.shape = (32, 32, 12)
   c.data.image_size = (32, 32)
-  c.data.split = ConfigDict(dict(train=0.5, val=0.25, test=0.25))
+  c.data.split.update(train=0.5, val=0.25, test=0.25)
   c.model.features = 4
   c.model.depth = 2
   c.train.steps = 8

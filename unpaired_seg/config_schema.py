@@ -11,6 +11,8 @@ from typing import Any
 
 import ml_collections
 
+from unpaired_seg import metrics as metrics_lib
+
 
 class ConfigError(ValueError):
   """A config key is unknown, missing or has a bad value; the message names the key."""
@@ -91,7 +93,11 @@ SCHEMA: dict[str, Any] = {
         "foreground_fraction": number(0.0, 1.0),
         "target_modality": STRING,
         "label_fraction": number(0.0, 1.0),
-        "split": {"train": number(0.0, 1.0), "val": number(0.0, 1.0), "test": number(0.0, 1.0)},
+        "split": {"train": number(0.0, 1.0), "val": number(0.0, 1.0), "test": number(0.0, 1.0),
+                  "folds": Field((int,), lambda v: v == 0 or v >= 2, "0 (fractions) or >= 2"),
+                  "fold": non_negative_int()},
+        "normalization": STRING,
+        "crop": choice("body", "centre"),
         "augment": {
             "enabled": BOOL,
             "rotate_deg": number(0.0, 180.0),
@@ -100,10 +106,19 @@ SCHEMA: dict[str, Any] = {
         },
     },
     "model": {
-        "name": choice("unet"),
-        "features": positive_int(),
-        "depth": positive_int(),
+        "name": choice("unet", "resfcn", "dilated"),
+        "features": positive_int(),                 # unet
+        "depth": positive_int(),                    # unet
         "ndim": Field((int,), lambda v: v in (2, 3), "2 or 3"),
+        "filters": int_tuple(),                     # resfcn: channels per scale
+        "units_per_scale": positive_int(),          # resfcn
+        "strides": Field((tuple, list), lambda v: len(v) >= 1 and all(
+            isinstance(s, int) and s > 0 or isinstance(s, (tuple, list)) and all(
+                isinstance(a, int) and a > 0 for a in s) for s in v),
+            "per scale a positive int or a sequence of them"),   # resfcn
+        "dropout": Field((int, float), lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+        "widths": int_tuple(),                      # dilated: channels per stage
+        "head_channels": non_negative_int(),        # dilated: 0 = 8 * classes
         "sharing": STRING,
         "norm": {
             "kind": choice("batch", "instance", "layer", "group", "none"),
@@ -113,11 +128,27 @@ SCHEMA: dict[str, Any] = {
             "sync": BOOL,
         },
     },
-    "loss": {"dice_weight": number(0.0), "ce_weight": number(0.0)},
+    "loss": {
+        "dice_weight": number(0.0),
+        "ce_weight": number(0.0),
+        "class_weights": choice("none", "batch"),   # batch: UMMKD code's 1 - n_c / N, clipped CE
+        "ce_clip": Field((int, float), lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
+        "kd_weight": number(0.0),                   # alpha of (alpha / 2) L_kd; 0 = off
+        "kd_temperature": Field((int, float), lambda v: v > 0, "a number > 0"),
+        "kd_absent": choice("skip", "uniform"),
+        "csa_weight": number(0.0),                  # lambda of L_csa; 0 = off
+        "csa_layers": Field((tuple, list), lambda v: len(v) in (0, 2) and all(
+            isinstance(b, str) and b for b in v), "() or two block names"),
+        "csa_class_specific": BOOL,
+        "weight_decay": number(0.0),                # eta of the L2 term on kernels and norms
+    },
     "train": {
         "steps": non_negative_int(),
         "batch_size": positive_int(),
+        "regime": choice("mixed", "alternate"),
+        "patch_slices": positive_int(),             # 3D networks: slices per training patch
         "learning_rate": number(0.0),
+        "adam_epsilon": Field((int, float), lambda v: v > 0, "a number > 0"),
         "lr_decay": {"rate": number(0.0, 1.0), "every": positive_int()},
         "log_every": positive_int(),
         "eval_every": positive_int(),
@@ -128,6 +159,16 @@ SCHEMA: dict[str, Any] = {
         "batch_size": positive_int(),
         "checkpoint": choice("best", "latest"),
         "max_val_cases": positive_int(),
+        "metrics": Field((tuple, list),
+                         lambda v: len(v) >= 1 and len(set(v)) == len(v)
+                         and all(m in metrics_lib.METRIC_NAMES for m in v),
+                         f"distinct names from {metrics_lib.METRIC_NAMES}"),
+        "surface_tolerance_mm": number(0.0),
+        "hd95_variant": choice(*metrics_lib.HD95_VARIANTS),
+        "assd_variant": choice(*metrics_lib.ASSD_VARIANTS),
+        "grid": choice("source", "dataset"),
+        "tile_overlap": Field((int, float), lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+        "save_predictions": non_negative_int(),
     },
 }
 
@@ -158,8 +199,11 @@ def validate(config: ml_collections.ConfigDict, methods: Mapping[str, Any] | Non
     raise ConfigError(f"config key 'data.split': train + val + test must be 1, got {split}")
   if split["train"] <= 0:
     raise ConfigError("config key 'data.split.train' must be > 0")
+  if split["folds"] and split["fold"] >= split["folds"]:
+    raise ConfigError(f"config key 'data.split.fold' must be below data.split.folds = "
+                      f"{split['folds']}, got {split['fold']}")
   depth = tree["model"]["depth"]
-  if any(s % 2 ** depth for s in tree["data"]["image_size"]):
+  if tree["model"]["name"] == "unet" and any(s % 2 ** depth for s in tree["data"]["image_size"]):
     raise ConfigError(f"config key 'data.image_size' {tuple(tree['data']['image_size'])} must be "
                       f"divisible by 2**model.depth = {2 ** depth}")
   if tree["data"]["dataset"] == "folder" and not tree["data"]["root"]:

@@ -449,7 +449,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike) 
         val = evaluate_lib.evaluate_cases(
             predictor, state, _first(data.cases["val"], config.eval.max_val_cases),
             data.class_names, context_slices=config.data.context_slices,
-            batch_size=config.eval.batch_size)
+            batch_size=config.eval.batch_size,
+            volume_predictor=getattr(method, "predict_volume", None))
         val_dice = evaluate_lib.mean_foreground_dice(val)
         writer.write(step, {"val_dice": val_dice,
                             **{f"val_dice_{m}": r["mean"]["dice"] for m, r in val.items()}})
@@ -506,7 +507,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike, *, method=
       context_slices=config.data.context_slices, batch_size=config.eval.batch_size,
       metrics=tuple(config.eval.metrics), settings=settings, grid=config.eval.grid,
       overlap=config.eval.tile_overlap,
-      on_prediction=writer if config.eval.save_predictions else None)
+      on_prediction=writer if config.eval.save_predictions else None,
+      volume_predictor=getattr(method, "predict_volume", None))
   split = config.data.split
   out = evaluate_lib.summary(
       config.method, data.manifest.name, result, split="test", checkpoint_step=step,

@@ -1,10 +1,18 @@
-"""Normalisation, crop/pad, subject splits, leakage check and the deterministic slice sampler."""
+"""Normalisation (per volume and training-split statistics), the body box on the model grid,
+subject splits (fractions and k-fold), leakage check and the deterministic slice sampler.
 
+  python -m pytest -q tests/data/test_pipeline.py
+"""
+
+import dataclasses
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 
+from unpaired_seg.data import dataset as ds
+from unpaired_seg.data import geometry
 from unpaired_seg.data import phantom
 from unpaired_seg.data import pipeline
 
@@ -23,10 +31,12 @@ def test_normalize_schemes_by_hand():
     pipeline.normalize_intensity(x, {"scheme": "bogus"}, name="mr/case_1")
 
 
-def test_crop_or_pad_centres():
+def test_centre_box_crops_and_pads_symmetrically():
   a = np.arange(4 * 6).reshape(4, 6)
-  out = pipeline.crop_or_pad(a, (6, 4), pad_value=-1)
-  assert out.shape == (6, 4)
+  box = pipeline.centre_box(a.shape, (6, 4))
+  # Axis 0: 4 -> 6 pads one row on each side; axis 1: 6 -> 4 drops one column on each side.
+  assert box == (slice(-1, 5), slice(1, 5))
+  out = geometry.apply_box(a, box, (6, 4), pad_value=-1)
   np.testing.assert_array_equal(out[0], [-1] * 4)
   np.testing.assert_array_equal(out[1:5], a[:, 1:5])
   np.testing.assert_array_equal(out[5], [-1] * 4)
@@ -101,9 +111,9 @@ def test_splits_file_is_reused_and_checked(unpaired, tmp_path):
 
 
 def _cases(manifest, modality):
-  from unpaired_seg.data import dataset as ds
   return pipeline.prepare_cases(ds.load_modality(manifest, modality),
-                                manifest.modalities[modality], (32, 32))
+                                manifest.modalities[modality].normalization, (32, 32),
+                                manifest=manifest)
 
 
 def test_sampler_is_a_pure_function_of_the_step(unpaired):
@@ -148,3 +158,162 @@ def test_prepare_cases_normalises_and_maps_labels(unpaired):
     assert c.image.dtype == np.float32
     assert abs(float(c.image.mean())) < 1e-3 and abs(float(c.image.std()) - 1) < 1e-3
     assert set(np.unique(c.label)) <= {0, 1, 2, 3, 4}
+
+
+def test_prepared_cases_keep_the_whole_volume_and_a_box_that_maps_back(unpaired):
+  for c in _cases(unpaired, "mr"):
+    # The phantom is stored RAS at the image size: the box is the whole slice, nothing moves.
+    assert c.box == (slice(0, 32), slice(0, 32))
+    np.testing.assert_array_equal(c.image, c.grid_image)
+    np.testing.assert_array_equal(geometry.invert_box(c.label, c.box, c.grid_label.shape),
+                                  c.grid_label)
+    assert c.image_path == unpaired.root / "mr" / "imagesTr" / f"{c.case}.nii.gz"
+    assert c.source is None      # no prepare geometry records
+    np.testing.assert_array_equal(geometry.to_source_grid(c.grid_label, c.record),
+                                  ds.load_volume(unpaired, "mr", c.case).label)
+
+
+def _body_volume(shape, centre, half, affine=np.eye(4)):
+  """Dark background, a bright rectangular 'body' with a labelled 'organ' in its middle."""
+  image = np.zeros(shape, np.float32)
+  label = np.zeros(shape, np.uint8)
+  (x0, x1), (y0, y1) = [(c - h, c + h) for c, h in zip(centre, half)]
+  image[x0:x1, y0:y1] = 100.0
+  label[centre[0] - 2:centre[0] + 2, centre[1] - 2:centre[1] + 2] = 1
+  return ds.Volume("ct", "c1", "c1", image, label, np.asarray(affine, np.float64))
+
+
+def test_training_view_is_cut_around_the_body_not_the_centre():
+  volume = _body_volume((60, 40, 3), centre=(45, 12), half=(8, 6))
+  spec = {"scheme": "none"}
+  case = pipeline.prepare_case(volume, spec, (16, 16))
+  # Body rows 37..52 -> centre 44.5; columns 6..17 -> centre 11.5: a 16-box starts 8 before.
+  assert case.box == (slice(37, 53), slice(4, 20))
+  np.testing.assert_array_equal(case.image, volume.image[37:53, 4:20])
+  assert case.label.sum() == volume.label.sum()        # the organ is inside the view
+  centre = pipeline.prepare_case(volume, spec, (16, 16), crop="centre")
+  assert centre.box == (slice(22, 38), slice(12, 28))
+  assert centre.label.sum() == 0                       # a centre crop misses it
+  # Smaller than the view: the box reaches outside, padded with the volume's minimum.
+  small = pipeline.prepare_case(_body_volume((10, 12, 2), (5, 6), (3, 3)), spec, (16, 16))
+  assert small.image.shape == (16, 16, 2) and small.box[0].start < 0 and small.box[1].start < 0
+  np.testing.assert_array_equal(
+      geometry.invert_box(small.image, small.box, (10, 12)), small.grid_image)
+  with pytest.raises(ValueError, match="data.crop"):
+    pipeline.prepare_case(volume, spec, (16, 16), crop="middle")
+
+
+def test_a_stored_lps_volume_is_put_on_the_ras_grid_and_back_exactly():
+  lps = np.diag([-1.5, -1.5, 4.0, 1.0])
+  volume = _body_volume((20, 18, 4), centre=(12, 9), half=(5, 5), affine=lps)
+  volume.image[:] += np.arange(20)[:, None, None]      # make the orientation visible
+  case = pipeline.prepare_case(volume, {"scheme": "none"}, (16, 16))
+  np.testing.assert_array_equal(case.grid_image, volume.image[::-1, ::-1])
+  assert nib.aff2axcodes(case.affine) == ("R", "A", "S")
+  assert case.spacing == (1.5, 1.5, 4.0)
+  np.testing.assert_array_equal(geometry.to_source_grid(case.grid_label, case.record),
+                                volume.label)
+
+
+def test_dataset_zscore_by_hand_and_without_statistics():
+  x = np.array([0.0, 2.0, 4.0, 10.0])
+  spec = {"scheme": "dataset_zscore", "mean": 2.0, "std": 4.0}
+  np.testing.assert_allclose(pipeline.normalize_intensity(x, spec), [-0.5, 0.0, 0.5, 2.0])
+  windowed = dict(spec, window=[0.0, 6.0])
+  np.testing.assert_allclose(pipeline.normalize_intensity(x, windowed), [-0.5, 0.0, 0.5, 1.0])
+  with pytest.raises(ValueError, match="ct/c7.*training split"):
+    pipeline.normalize_intensity(x, {"scheme": "dataset_zscore"}, name="ct/c7")
+
+
+def test_normalization_overrides_name_the_config_key(unpaired):
+  specs = pipeline.resolve_normalization(unpaired, ("mr", "ct"), "ct=dataset_zscore")
+  assert specs["ct"] == {"scheme": "dataset_zscore"}
+  assert specs["mr"] == unpaired.modalities["mr"].normalization
+  specs = pipeline.resolve_normalization(unpaired, ("mr", "ct"), "mr=clip_zscore:-5:7, ct=none")
+  assert specs == {"mr": {"scheme": "clip_zscore", "window": [-5.0, 7.0]}, "ct": {"scheme": "none"}}
+  for bad, pattern in (("pet=zscore", "'pet'"), ("ct=zscore2", "zscore2"), ("ct", "MODALITY"),
+                       ("ct=clip_zscore:3:1", "LO < HI")):
+    with pytest.raises(ValueError, match=r"data\.normalization.*" + pattern):
+      pipeline.resolve_normalization(unpaired, ("mr", "ct"), bad)
+
+
+def test_dataset_zscore_is_fitted_on_training_cases_only(unpaired, tmp_path):
+  splits = pipeline.make_splits(unpaired, ("ct",), FRACTIONS, seed=0)
+  volumes = ds.load_modality(unpaired, "ct")
+  train = pipeline.cases_in(volumes, splits, "train")
+  others = [v for v in volumes if v.case not in {t.case for t in train}]
+  assert len(train) == 2 and others
+  path = tmp_path / "normalization.json"
+  specs = {"ct": {"scheme": "dataset_zscore"}}
+  fitted = pipeline.load_or_fit_normalization(path, specs, {"ct": train})["ct"]
+  # Reference: every training voxel in one array, numpy's mean and population std.
+  voxels = np.concatenate([v.image.ravel().astype(np.float64) for v in train])
+  assert fitted["mean"] == pytest.approx(voxels.mean(), rel=1e-12)
+  assert fitted["std"] == pytest.approx(voxels.std(), rel=1e-12)
+  assert fitted["fitted_on"] == sorted(v.case for v in train)
+  assert fitted["voxels"] == voxels.size
+  # Validation and test intensities do not move the statistics.
+  for v in others:
+    v.image[:] = 1e6
+  again = pipeline.fit_normalization(specs["ct"], train)
+  assert again["mean"] == fitted["mean"] and again["std"] == fitted["std"]
+  # The saved numbers are reused, and refused for another training split or scheme.
+  assert json.loads(path.read_text())["modalities"]["ct"] == fitted
+  assert pipeline.load_or_fit_normalization(path, specs, {"ct": train})["ct"] == fitted
+  with pytest.raises(ValueError, match=f"{path}.*other training cases"):
+    pipeline.load_or_fit_normalization(path, specs, {"ct": train[:1]})
+  with pytest.raises(ValueError, match=f"{path}.*'dataset_zscore'.*'zscore'"):
+    pipeline.load_or_fit_normalization(path, {"ct": {"scheme": "zscore"}}, {"ct": train})
+  # A prepared case normalised with them has the training statistics, not its own.
+  case = pipeline.prepare_case(train[0], fitted, (32, 32))
+  np.testing.assert_allclose(case.grid_image,
+                             (train[0].image - fitted["mean"]) / fitted["std"], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_kfold_splits_partition_the_subjects_into_test_folds(unpaired):
+  subjects = pipeline.subjects_of(unpaired, "mr")
+  folds = 3
+  seen_test = []
+  for fold in range(folds):
+    split = dict(FRACTIONS, folds=folds, fold=fold)
+    s = pipeline.make_splits(unpaired, ("mr", "ct"), split, seed=5)
+    assert s == pipeline.make_splits(unpaired, ("mr", "ct"), split, seed=5)
+    assert (s["folds"], s["fold"]) == (folds, fold)
+    parts = s["modalities"]["mr"]
+    # 6 subjects, 3 folds: 2 test each; val = round(0.25 * 6) = 2 of the 4 others.
+    assert (len(parts["test"]), len(parts["val"]), len(parts["train"])) == (2, 2, 2)
+    assert sorted(parts["test"] + parts["val"] + parts["train"]) == subjects
+    seen_test += parts["test"]
+  assert sorted(seen_test) == subjects          # every subject is tested exactly once
+  other_seed = pipeline.make_splits(unpaired, ("mr",), dict(FRACTIONS, folds=3, fold=0), seed=6)
+  assert other_seed["modalities"]["mr"] != pipeline.make_splits(
+      unpaired, ("mr",), dict(FRACTIONS, folds=3, fold=0), seed=5)["modalities"]["mr"]
+  with pytest.raises(pipeline.SplitError, match="too few for 7 folds"):
+    pipeline.make_splits(unpaired, ("mr",), dict(FRACTIONS, folds=7, fold=0), seed=0)
+  with pytest.raises(pipeline.SplitError, match="'fold' must be in 0..2"):
+    pipeline.make_splits(unpaired, ("mr",), dict(FRACTIONS, folds=3, fold=3), seed=0)
+
+
+def test_a_splits_file_of_another_fold_is_refused(unpaired, tmp_path):
+  path = tmp_path / "splits.json"
+  pipeline.load_or_create_splits(path, unpaired, ("mr",), dict(FRACTIONS, folds=3, fold=1), 0)
+  with pytest.raises(pipeline.SplitError, match=f"{path}.*folds=3, fold=1.*fold=2"):
+    pipeline.load_or_create_splits(path, unpaired, ("mr",), dict(FRACTIONS, folds=3, fold=2), 0)
+  with pytest.raises(pipeline.SplitError, match="folds=0"):
+    pipeline.load_or_create_splits(path, unpaired, ("mr",), FRACTIONS, 0)
+
+
+def test_target_spacing_must_be_one_for_the_dataset(unpaired):
+  cases = _cases(unpaired, "mr")
+  assert pipeline.target_spacing_of(cases) is None
+  record = cases[0].record
+
+  def source(spacing):
+    return pipeline.SourceGeometry(record, unpaired.root, unpaired.root, spacing,
+                                   unpaired.modalities["mr"])
+  a = [dataclasses.replace(c, source=source((2.0, 2.0))) for c in cases]
+  assert pipeline.target_spacing_of(a) == (2.0, 2.0)
+  a[0] = dataclasses.replace(a[0], source=source((1.5, 1.5)))
+  with pytest.raises(ValueError, match="different in-plane spacings"):
+    pipeline.target_spacing_of(a)

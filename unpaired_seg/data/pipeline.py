@@ -1,39 +1,71 @@
-"""From volumes on disk to batches of 2D slices: normalise, crop/pad, split by subject, sample.
+"""From volumes on disk to batches of 2D slices: normalise, cut around the body, split, sample.
 
   manifest = dataset.load_manifest(root)
-  splits = load_or_create_splits(workdir / 'splits.json', manifest, ('mr', 'ct'), fractions, seed=0)
-  cases = prepare_cases(dataset.load_modality(manifest, 'mr'), manifest.modalities['mr'], (64, 64))
-  sampler = SliceSampler(train_cases, batch_size=16, foreground_fraction=0.5, seed=0, stream=0)
-  batch = sampler.batch(step)   # {'image': [B, H, W, C], 'label': [B, H, W], ...}, same for same step
+  splits = load_or_create_splits(workdir / 'splits.json', manifest, ('mr', 'ct'),
+                                 {'train': 0.6, 'val': 0.2, 'test': 0.2}, seed=0)
+  volumes = dataset.load_modality(manifest, 'ct')
+  norm = load_or_fit_normalization(workdir / 'normalization.json',
+                                   {'ct': {'scheme': 'dataset_zscore'}},
+                                   {'ct': cases_in(volumes, splits, 'train')})
+  cases = prepare_cases(volumes, norm['ct'], (64, 64), manifest=manifest)
+  sampler = SliceSampler(cases_in(cases, splits, 'train'), batch_size=16, foreground_fraction=0.5,
+                         context_slices=0, seed=0, stream=0)
+  batch = sampler.batch(step)   # {'image': [B, H, W, C], 'label': [B, H, W], ...}, pure in step
+
+Every volume is put on the model grid (canonical RAS, slices along the last axis; a dataset
+written by `prepare` is already there) and normalised; the training view of a case is an in-plane
+box of `image_size` around the body (`geometry.body_crop_box`), padded where the volume is
+smaller. The case keeps its box, its whole volume on the model grid and the geometry records that
+lead back to the stored file and, for a prepared dataset, to the source file, so predictions can be
+scored and written in the original geometry.
+
+Intensity schemes (the manifest's, or `data.normalization` of the config): `zscore` per volume,
+`minmax` per volume to [-1, 1], `clip_zscore` (window, then z-score per volume), `none`, and
+`dataset_zscore` (optionally with a window): one mean and standard deviation over every voxel of
+the TRAINING split's volumes of that modality, kept in the workdir's normalization.json so that
+evaluation and `predict` use the same numbers.
 
 The sampler is a pure function of (seed, stream, step), so a resumed run draws exactly the batches
 an uninterrupted one would, with no sampler state to checkpoint.
 """
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import pathlib
 import tempfile
 import zlib
 from collections.abc import Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
 
 from unpaired_seg.data import dataset as ds
+from unpaired_seg.data import geometry
+from unpaired_seg.data import prepare
+
+NORMALIZATION_SCHEMES = ("zscore", "minmax", "clip_zscore", "none", "dataset_zscore")
+CROP_MODES = ("body", "centre")
+
+
+class NormalizationError(ds.DatasetError):
+  """A normalisation scheme, its settings or its saved statistics do not fit the data."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Intensity and size.
+# Intensity.
 # ---------------------------------------------------------------------------------------------
 
 def normalize_intensity(image: np.ndarray, spec: Mapping, *, name: str = "image") -> np.ndarray:
-  """Normalises one volume by the modality's scheme in the manifest.
+  """Normalises one volume by its modality's scheme.
 
   Args:
     image: raw intensities, any shape.
-    spec: the manifest's `normalization` block: scheme `zscore`, `minmax` (to [-1, 1]),
-      `clip_zscore` (with `window: [lo, hi]`), or `none`.
+    spec: the normalisation block: scheme `zscore`, `minmax` (to [-1, 1]), `clip_zscore` (with
+      `window: [lo, hi]`), `none`, or `dataset_zscore` (with the training split's `mean` and
+      `std` from `fit_normalization`, and an optional `window` applied first).
     name: used in error messages (the case's file).
 
   Returns:
@@ -43,6 +75,13 @@ def normalize_intensity(image: np.ndarray, spec: Mapping, *, name: str = "image"
   scheme = spec.get("scheme")
   if scheme == "none":
     return x
+  if scheme == "dataset_zscore":
+    if "mean" not in spec or "std" not in spec:
+      raise NormalizationError(f"{name}: scheme 'dataset_zscore' needs the training split's "
+                               "'mean' and 'std' (fit_normalization); none were given")
+    if spec.get("window") is not None:
+      x = np.clip(x, *spec["window"])
+    return (x - float(spec["mean"])) / float(spec["std"])
   if scheme == "clip_zscore":
     lo, hi = spec["window"]
     x = np.clip(x, lo, hi)
@@ -56,48 +95,278 @@ def normalize_intensity(image: np.ndarray, spec: Mapping, *, name: str = "image"
   raise ds.DatasetError(f"{name}: unknown normalization scheme {scheme!r}")
 
 
-def crop_or_pad(array: np.ndarray, size: Sequence[int], pad_value: float) -> np.ndarray:
-  """Centre-crops or pads the first two (in-plane) axes of [H, W, ...] to `size`."""
-  out = array
-  for axis, target in enumerate(size):
-    current = out.shape[axis]
-    if current > target:
-      start = (current - target) // 2
-      out = np.take(out, np.arange(start, start + target), axis=axis)
-    elif current < target:
-      before = (target - current) // 2
-      widths = [(0, 0)] * out.ndim
-      widths[axis] = (before, target - current - before)
-      out = np.pad(out, widths, constant_values=pad_value)
-  return out
+def parse_scheme(text: str, *, where: str) -> dict:
+  """A scheme as text: zscore, minmax, none, dataset_zscore, clip_zscore:LO:HI, dataset_zscore:LO:HI."""
+  parts = str(text).strip().split(":")
+  scheme = parts[0]
+  if scheme in ("zscore", "minmax", "none", "dataset_zscore") and len(parts) == 1:
+    return {"scheme": scheme}
+  if scheme in ("clip_zscore", "dataset_zscore") and len(parts) == 3:
+    try:
+      lo, hi = float(parts[1]), float(parts[2])
+    except ValueError:
+      lo, hi = math.nan, math.nan
+    if math.isfinite(lo) and math.isfinite(hi) and lo < hi:
+      return {"scheme": scheme, "window": [lo, hi]}
+  raise NormalizationError(f"{where}: {text!r} is not one of zscore, minmax, none, dataset_zscore, "
+                           "clip_zscore:LO:HI, dataset_zscore:LO:HI (numbers LO < HI)")
 
 
-@dataclasses.dataclass
+def resolve_normalization(manifest: ds.Manifest, modalities: Sequence[str],
+                          overrides: str = "") -> dict[str, dict]:
+  """Each modality's normalisation: the manifest's, or the override for that modality.
+
+  Args:
+    manifest: the dataset's manifest.
+    modalities: the modalities in use.
+    overrides: 'ct=dataset_zscore,mr=zscore' (config key `data.normalization`); '' keeps the
+      manifest's schemes.
+
+  Returns:
+    {modality: normalisation block} (statistics not fitted yet).
+  """
+  where = "config key 'data.normalization'"
+  result = {m: dict(manifest.modalities[m].normalization) for m in modalities}
+  for item in filter(None, (s.strip() for s in str(overrides or "").split(","))):
+    modality, sep, scheme = item.partition("=")
+    if not sep:
+      raise NormalizationError(f"{where}: {item!r} is not MODALITY=SCHEME")
+    if modality not in result:
+      raise NormalizationError(f"{where}: modality {modality!r} is not one of {list(modalities)}")
+    result[modality] = parse_scheme(scheme, where=f"{where} ({modality})")
+  return result
+
+
+def fit_normalization(spec: Mapping, volumes: Sequence[ds.Volume]) -> dict:
+  """The normalisation block with its statistics, fitted on `volumes` (the training split).
+
+  Only `dataset_zscore` has statistics: the mean and (population) standard deviation over every
+  voxel of every volume, after the optional window, accumulated in float64. Other schemes are
+  returned as they are.
+  """
+  spec = dict(spec)
+  if spec.get("scheme") != "dataset_zscore":
+    return spec
+  if not volumes:
+    raise NormalizationError("scheme 'dataset_zscore': the training split has no volume to fit "
+                             "the statistics on")
+  window = spec.get("window")
+
+  def values(v):
+    x = v.image.astype(np.float64)
+    return np.clip(x, *window) if window is not None else x
+
+  count = sum(int(v.image.size) for v in volumes)
+  mean = sum(float(values(v).sum()) for v in volumes) / count
+  # Two passes: the sum of squared deviations does not cancel as E[x^2] - E[x]^2 can.
+  var = sum(float(np.square(values(v) - mean).sum()) for v in volumes) / count
+  std = math.sqrt(var)
+  spec.update(mean=mean, std=std if std > 1e-8 else 1.0, voxels=count,
+              fitted_on=sorted(v.case for v in volumes))
+  return spec
+
+
+def load_or_fit_normalization(path: os.PathLike, specs: Mapping[str, Mapping],
+                              train_volumes: Mapping[str, Sequence[ds.Volume]]) -> dict[str, dict]:
+  """Each modality's normalisation with statistics: reused from `path`, else fitted and written.
+
+  A saved block is reused only if it has the same scheme and window and, for `dataset_zscore`,
+  was fitted on exactly the current training cases; anything else fails naming `path` (a model
+  trained with other numbers would silently get other inputs).
+  """
+  path = pathlib.Path(path)
+  saved = {}
+  if path.exists():
+    try:
+      saved = json.loads(path.read_text())["modalities"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise NormalizationError(f"{path}: not a normalisation file ({e})") from e
+  result, changed = {}, not path.exists()
+  for modality, spec in specs.items():
+    train_cases = sorted(v.case for v in train_volumes.get(modality, ()))
+    if modality in saved:
+      old = saved[modality]
+      if old.get("scheme") != spec.get("scheme") or old.get("window") != spec.get("window"):
+        raise NormalizationError(
+            f"{path}: modality {modality!r} was normalised with {_describe(old)}, the config and "
+            f"manifest now ask for {_describe(spec)}; use a new workdir")
+      if spec.get("scheme") == "dataset_zscore" and old.get("fitted_on") != train_cases:
+        raise NormalizationError(
+            f"{path}: the statistics of {modality!r} were fitted on other training cases than the "
+            f"current split's {train_cases}")
+      result[modality] = dict(old)
+    else:
+      result[modality] = fit_normalization(spec, train_volumes.get(modality, ()))
+      changed = True
+  if changed:
+    write_json_atomic(path, {"modalities": {**saved, **result}})
+  return result
+
+
+def _describe(spec: Mapping) -> str:
+  window = spec.get("window")
+  return repr(spec.get("scheme")) + (f" with window {list(window)}" if window is not None else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases on the model grid.
+# ---------------------------------------------------------------------------------------------
+
+def centre_box(shape: Sequence[int], size: Sequence[int]) -> tuple[slice, slice]:
+  """The in-plane box of `size` centred in an array of `shape` (reaching outside where smaller)."""
+  box = []
+  for n, want in zip(shape[:2], size):
+    start = (n - want) // 2 if n >= want else -((want - n) // 2)
+    box.append(slice(start, start + want))
+  return tuple(box)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceGeometry:
+  """Where a case of a prepared dataset came from: its `prepare` record and source files.
+
+  Attributes:
+    record: source file -> stored (prepared) grid.
+    image: the source image file.
+    label: the source label file (raw label values of the modality).
+    target_spacing: in-plane spacing `prepare` resampled to, or None (grid kept).
+    label_spec: the modality's manifest entry, to map the source's raw labels.
+  """
+  record: geometry.GeometryRecord
+  image: pathlib.Path
+  label: pathlib.Path
+  target_spacing: tuple[float, float] | None
+  label_spec: ds.ModalitySpec
+
+
+@dataclasses.dataclass(eq=False)
 class PreparedCase:
-  """One normalised volume of one modality, in-plane size fixed, slices along the last axis."""
+  """One normalised volume of one modality on the model grid, and its training view.
+
+  Attributes:
+    modality, case, subject: as in the manifest.
+    image: float32 [h, w, Z], the training view: `grid_image` cut by `box` (padded with its
+      minimum outside the volume).
+    label: uint8 [h, w, Z] shared labels cut by `box`, or None.
+    affine: [4, 4] of the model grid.
+    spacing: voxel size of the model grid in mm.
+    box: the in-plane box of the training view on the model grid (may reach outside it).
+    grid_image: float32 [X, Y, Z], the whole normalised volume on the model grid.
+    grid_label: uint8 [X, Y, Z] shared labels on the model grid, or None.
+    record: stored file -> model grid (a reorientation; the identity for a prepared dataset).
+    image_path: the stored image file, when known.
+    source: for a prepared dataset, the way back to the source file.
+  """
   modality: str
   case: str
   subject: str
-  image: np.ndarray            # float32 [H, W, Z]
-  label: np.ndarray | None     # uint8 [H, W, Z] shared labels
-  affine: np.ndarray           # [4, 4] of the stored volume
+  image: np.ndarray
+  label: np.ndarray | None
+  affine: np.ndarray
   spacing: tuple[float, float, float]
+  box: tuple[slice, slice]
+  grid_image: np.ndarray
+  grid_label: np.ndarray | None
+  record: geometry.GeometryRecord
+  image_path: pathlib.Path | None = None
+  source: SourceGeometry | None = None
 
   @property
   def num_slices(self) -> int:
     return self.image.shape[-1]
 
+  @functools.cached_property
+  def source_label(self) -> np.ndarray:
+    """uint8 shared labels on the source grid, read once from the source label file."""
+    if self.source is None:
+      raise ValueError(f"{self.modality}/{self.case}: no geometry record, no source file")
+    path = self.source.label
+    if not path.is_file():
+      raise FileNotFoundError(
+          f"{path}: source label of {self.modality}/{self.case} not found (moved?); evaluate on "
+          "the dataset grid with --config.eval.grid=dataset")
+    raw = np.asarray(nib.load(str(path)).dataobj)
+    if raw.shape != tuple(self.source.record.source_shape):
+      raise ds.DatasetError(f"{path}: shape {raw.shape} differs from its geometry record's "
+                            f"{list(self.source.record.source_shape)}")
+    return ds.map_labels(raw, self.source.label_spec, path)
 
-def prepare_cases(volumes: Sequence[ds.Volume], spec: ds.ModalitySpec,
-                  image_size: Sequence[int]) -> list[PreparedCase]:
-  """Normalises and crops/pads every volume of one modality."""
-  cases = []
-  for v in volumes:
-    image = normalize_intensity(v.image, spec.normalization, name=f"{v.modality}/{v.case}")
-    image = crop_or_pad(image, image_size, pad_value=float(image.min()))
-    label = None if v.label is None else crop_or_pad(v.label, image_size, pad_value=0)
-    cases.append(PreparedCase(v.modality, v.case, v.subject, image, label, v.affine, v.spacing))
-  return cases
+
+def prepare_case(volume: ds.Volume, normalization: Mapping, image_size: Sequence[int], *,
+                 crop: str = "body", manifest: ds.Manifest | None = None) -> PreparedCase:
+  """Puts one volume on the model grid, normalises it and cuts its training view.
+
+  Args:
+    volume: as loaded by `dataset.load_volume`.
+    normalization: the modality's normalisation block (statistics fitted, if any).
+    image_size: (h, w) of the training view.
+    crop: 'body' (box centred on the body, `geometry.body_crop_box`) or 'centre'.
+    manifest: the dataset's manifest, to find the stored file and a `prepare` geometry record.
+  """
+  if crop not in CROP_MODES:
+    raise ValueError(f"config key 'data.crop': {crop!r} is not one of {CROP_MODES}")
+  size = tuple(int(s) for s in image_size)
+  name = f"{volume.modality}/{volume.case}"
+  image, label, affine, record = geometry.to_model_grid(volume.image, volume.label, volume.affine,
+                                                        None)
+  grid_image = normalize_intensity(image, normalization, name=name)
+  # The box is found on the normalised volume, as inference does (evaluate.predict_volume).
+  box = (geometry.body_crop_box(grid_image, size) if crop == "body"
+         else centre_box(grid_image.shape, size))
+  view = geometry.apply_box(grid_image, box, size, pad_value=float(grid_image.min()))
+  view_label = None if label is None else geometry.apply_box(label, box, size, pad_value=0)
+  image_path, source = None, None
+  if manifest is not None:
+    image_path = (manifest.root / volume.modality / ds.IMAGES_DIR /
+                  f"{volume.case}{manifest.file_ending}")
+    if prepare.geometry_path(manifest.root, volume.modality, volume.case).is_file():
+      source_record, info = prepare.load_geometry(manifest.root, volume.modality, volume.case)
+      target = info.get("target_spacing")
+      source = SourceGeometry(source_record, pathlib.Path(info["source_image"]),
+                              pathlib.Path(info["source_label"]),
+                              None if target is None else tuple(float(t) for t in target),
+                              manifest.modalities[volume.modality])
+  return PreparedCase(volume.modality, volume.case, volume.subject, view, view_label, affine,
+                      geometry.spacing_of(affine), box, grid_image, label, record, image_path,
+                      source)
+
+
+def prepare_cases(volumes: Sequence[ds.Volume], normalization: Mapping,
+                  image_size: Sequence[int], *, crop: str = "body",
+                  manifest: ds.Manifest | None = None) -> list[PreparedCase]:
+  """`prepare_case` for every volume of one modality."""
+  return [prepare_case(v, normalization, image_size, crop=crop, manifest=manifest)
+          for v in volumes]
+
+
+def target_spacing_of(cases: Sequence[PreparedCase]) -> tuple[float, float] | None:
+  """The in-plane spacing `prepare` resampled every case to; None for a dataset not prepared."""
+  spacings = {c.source.target_spacing for c in cases if c.source is not None}
+  if any(c.source is None for c in cases):
+    spacings.add(None)
+  if len(spacings) > 1:
+    raise ds.DatasetError(f"cases were prepared at different in-plane spacings "
+                          f"{sorted(map(str, spacings))}: prepare the whole dataset in one run")
+  return spacings.pop() if spacings else None
+
+
+def model_info(*, method: str, class_names: Sequence[str], modalities: Sequence[str],
+               image_size: Sequence[int], context_slices: int, crop: str,
+               target_spacing: Sequence[float] | None, normalization: Mapping[str, Mapping],
+               dataset: str) -> dict:
+  """What `predict` needs to turn a raw volume into the model's input, without the dataset."""
+  return {
+      "method": method,
+      "dataset": dataset,
+      "class_names": list(class_names),
+      "modalities": list(modalities),
+      "image_size": [int(s) for s in image_size],
+      "context_slices": int(context_slices),
+      "crop": crop,
+      "orientation": "RAS (slices along the last axis)",
+      "target_spacing": None if target_spacing is None else [float(s) for s in target_spacing],
+      "normalization": {m: dict(normalization[m]) for m in modalities},
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,17 +377,41 @@ class SplitError(ValueError):
   """A splits file is inconsistent with the dataset, or a test subject leaks into training."""
 
 
-def _split_subjects(subjects: Sequence[str], fractions: Mapping[str, float],
+def _fold_settings(split: Mapping) -> tuple[int, int]:
+  folds, fold = int(split.get("folds", 0)), int(split.get("fold", 0))
+  if folds == 1 or folds < 0:
+    raise SplitError(f"split 'folds' must be 0 (fractions) or >= 2, got {folds}")
+  if folds and not 0 <= fold < folds:
+    raise SplitError(f"split 'fold' must be in 0..{folds - 1}, got {fold}")
+  return folds, fold
+
+
+def _split_subjects(subjects: Sequence[str], split: Mapping[str, float],
                     rng: np.random.Generator) -> dict[str, list[str]]:
   order = list(rng.permutation(sorted(subjects)))
   n = len(order)
-  n_test = int(round(fractions["test"] * n))
-  n_val = int(round(fractions["val"] * n))
+  folds, fold = _fold_settings(split)
+  if folds:
+    # k-fold: the permuted subjects in k near-equal groups; test = group `fold`, validation the
+    # first `val` share (of all subjects) of the others, the rest trains.
+    if n < folds:
+      raise SplitError(f"{n} subjects are too few for {folds} folds")
+    groups = np.array_split(np.arange(n), folds)
+    test = [order[i] for i in groups[fold]]
+    rest = [s for s in order if s not in test]
+    n_val = int(round(split["val"] * n))
+    n_val = max(n_val, 1) if split["val"] > 0 else 0
+    if len(rest) - n_val < 1:
+      raise SplitError(f"{n} subjects are too few for {folds} folds and validation share "
+                       f"{split['val']}")
+    return {"test": sorted(test), "val": sorted(rest[:n_val]), "train": sorted(rest[n_val:])}
+  n_test = int(round(split["test"] * n))
+  n_val = int(round(split["val"] * n))
   if n >= 3:  # every non-zero share gets at least one subject
-    n_test = max(n_test, 1) if fractions["test"] > 0 else 0
-    n_val = max(n_val, 1) if fractions["val"] > 0 else 0
+    n_test = max(n_test, 1) if split["test"] > 0 else 0
+    n_val = max(n_val, 1) if split["val"] > 0 else 0
   if n - n_test - n_val < 1:
-    raise SplitError(f"{n} subjects are too few for split fractions {dict(fractions)}")
+    raise SplitError(f"{n} subjects are too few for split fractions {dict(split)}")
   return {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
           "train": sorted(order[n_test + n_val:])}
 
@@ -127,19 +420,30 @@ def subjects_of(manifest: ds.Manifest, modality: str) -> list[str]:
   return sorted({manifest.subject_of(modality, c) for c in ds.list_cases(manifest, modality)})
 
 
-def make_splits(manifest: ds.Manifest, modalities: Sequence[str], fractions: Mapping[str, float],
+def make_splits(manifest: ds.Manifest, modalities: Sequence[str], split: Mapping[str, float],
                 seed: int) -> dict:
-  """Seeded per-subject split. A paired dataset splits its common subjects once for all modalities."""
-  result = {"seed": seed, "fractions": dict(fractions), "paired": manifest.paired, "modalities": {}}
+  """Seeded per-subject split. A paired dataset splits its common subjects once for all modalities.
+
+  Args:
+    manifest: the dataset.
+    modalities: the modalities to split.
+    split: fractions `train`, `val`, `test` (summing to 1); with `folds` >= 2, k-fold
+      cross-validation instead: test = fold `fold` of `folds`, validation a `val` share of all
+      subjects taken from the other folds.
+    seed: the permutation's seed (per modality for unpaired data).
+  """
+  folds, fold = _fold_settings(split)
+  result = {"seed": seed, "fractions": {k: split[k] for k in ("train", "val", "test")},
+            "folds": folds, "fold": fold, "paired": manifest.paired, "modalities": {}}
   if manifest.paired:
     common = set.intersection(*(set(subjects_of(manifest, m)) for m in modalities))
-    shared = _split_subjects(sorted(common), fractions, np.random.default_rng(seed))
+    shared = _split_subjects(sorted(common), split, np.random.default_rng(seed))
     for m in modalities:
       result["modalities"][m] = {k: list(v) for k, v in shared.items()}
   else:
     for m in modalities:
       rng = np.random.default_rng([seed, zlib.crc32(m.encode())])
-      result["modalities"][m] = _split_subjects(subjects_of(manifest, m), fractions, rng)
+      result["modalities"][m] = _split_subjects(subjects_of(manifest, m), split, rng)
   check_no_leakage(result)
   return result
 
@@ -160,14 +464,19 @@ def check_no_leakage(splits: Mapping, *, where: str = "splits") -> None:
 
 
 def load_or_create_splits(path: os.PathLike, manifest: ds.Manifest, modalities: Sequence[str],
-                          fractions: Mapping[str, float], seed: int) -> dict:
-  """Reuses `path` if it exists (checked against the dataset), else creates and writes it."""
+                          split: Mapping[str, float], seed: int) -> dict:
+  """Reuses `path` if it exists (checked against the dataset and the fold), else creates it."""
   path = pathlib.Path(path)
+  folds, fold = _fold_settings(split)
   if path.exists():
     try:
       splits = json.loads(path.read_text())
     except json.JSONDecodeError as e:
       raise SplitError(f"{path}: not valid JSON ({e})") from e
+    saved = (int(splits.get("folds", 0)), int(splits.get("fold", 0)) if splits.get("folds") else 0)
+    if saved != (folds, fold if folds else 0):
+      raise SplitError(f"{path}: made for folds={saved[0]}, fold={saved[1]}; the config asks for "
+                       f"folds={folds}, fold={fold}: give each fold its own workdir")
     for m in modalities:
       if m not in splits.get("modalities", {}):
         raise SplitError(f"{path}: has no split for modality {m!r}")
@@ -178,13 +487,14 @@ def load_or_create_splits(path: os.PathLike, manifest: ds.Manifest, modalities: 
         raise SplitError(f"{path}: subjects {missing} of {m!r} are not in the dataset {manifest.root}")
     check_no_leakage(splits, where=str(path))
     return splits
-  splits = make_splits(manifest, modalities, fractions, seed)
+  splits = make_splits(manifest, modalities, split, seed)
   write_json_atomic(path, splits)
   return splits
 
 
-def cases_in(cases: Sequence[PreparedCase], splits: Mapping, part: str) -> list[PreparedCase]:
-  """The cases whose subject is in split `part` of their modality."""
+def cases_in(cases: Sequence, splits: Mapping, part: str) -> list:
+  """The cases (PreparedCase or dataset.Volume) whose subject is in split `part` of their
+  modality."""
   return [c for c in cases if c.subject in set(splits["modalities"][c.modality][part])]
 
 
@@ -192,9 +502,13 @@ def write_json_atomic(path: os.PathLike, obj) -> None:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
 
 
 # ---------------------------------------------------------------------------------------------
