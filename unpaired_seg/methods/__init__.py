@@ -12,6 +12,14 @@ from unpaired_seg.methods import supervised
 REGISTRY = {
     "individual": supervised.individual,
     "joint": supervised.joint,
+    "joint_kd": supervised.joint_kd,
+    "y_shaped": supervised.y_shaped,
+    "x_shaped": supervised.x_shaped,
+    "dualstream": supervised.dualstream,
+    "chilopod": supervised.chilopod,
+    "ummkd": supervised.ummkd,
+    "affinity": supervised.affinity,
+    "csa": supervised.csa,
 }
 
 

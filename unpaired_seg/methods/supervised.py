@@ -1,11 +1,42 @@
-"""Supervised segmentation with a configurable amount of sharing across modalities.
+"""Supervised segmentation over one network definition with a configurable amount of sharing.
 
-The sharing axis of one network definition, from nothing shared to everything shared:
+The shared-kernel family of unpaired multi-modal segmentation, as plug-ins of one class:
+
   individual  one network per modality (UNet-single): every block and norm per modality
   joint       one network (UNet-both): every kernel and one set of norm statistics shared; all
               modalities go through it in one mixed batch
+  joint_kd    joint + UMMKD's knowledge distillation between the modalities
+  y_shaped    per-modality encoders, shared bottleneck, decoder and head
+  x_shaped    per-modality encoders and decoders; only the bottleneck shared
+  dualstream  DualStream V1..V4 (`model.sharing` = dualstream_v1 .. dualstream_v4), alternate
+              single-modality batches
+  chilopod    every kernel shared, normalisation per modality (UMMKD's MSBN)
+  ummkd       chilopod + knowledge distillation (alpha / 2 * L_kd)
+  affinity    chilopod + the affinity loss between two nearby layers, one all-ones mask
+  csa         chilopod + the class-specific affinity loss (Chen et al.)
 
-  python -m unpaired_seg.main --config=configs/individual.py --workdir=runs/individual
+Loss (config section `loss`):
+  sum_m [dice_weight * Dice_m + ce_weight * CE_m]
+    + kd_weight / 2 * L_kd            (kd_weight = UMMKD's alpha; 0 switches it off)
+    + csa_weight * L_csa              (lambda; 0 switches it off)
+    + weight_decay * L2(kernels and norm parameters)   (eta; tf.nn.l2_loss convention)
+  `loss.class_weights = 'batch'` replaces the CE by the UMMKD code's: class weights
+  1 - n_c / N counted over the labelled pixels of the modality's batch, probabilities clipped to
+  [loss.ce_clip, 1].
+
+Training regimes (`train.regime`):
+  mixed      every step sees a batch of every modality (UMMKD, CSA: 8 + 8) and sums their losses.
+  alternate  one modality per step, in `data.modalities` order: step s trains modality
+             s mod M (DualStream: one MR step, then one CT step). The batch still holds every
+             modality (the host batch stays a pure function of the step, so resuming is exact)
+             and the step is jitted once: `lax.switch` on the step picks the branch that runs
+             the active modality's forward and backward pass only. As an optimiser that skips
+             variables without a gradient (TF's Adam), the inactive modality's per-modality
+             kernels, norm parameters, their Adam moments and its running statistics are left
+             exactly as they were; shared kernels take an ordinary Adam step.
+
+  python -m unpaired_seg.main --config=configs/ummkd.py --workdir=runs/ummkd
+  python -m unpaired_seg.main --config=configs/dualstream.py:variant=v2,tiny --workdir=/tmp/ds
 """
 
 import functools
@@ -16,19 +47,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
+from unpaired_seg import rng as rng_lib
 from unpaired_seg.methods.base import count_parameters
-from unpaired_seg.nn.norms import stats_collection
+from unpaired_seg.nn.norms import norm_collection, stats_collection
+from unpaired_seg.nn.presets import SHARING_PRESETS, sharing_preset
+from unpaired_seg.nn.registry import build_network, network_blocks
 from unpaired_seg.nn.sharing import NormSpec, Sharing
-from unpaired_seg.nn.unet import UNet
 from unpaired_seg.ops import losses
 
-# name -> (blocks whose kernels are per modality, per-modality normalisation)
-SHARING_PRESETS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "individual": (("*",), True),
-    "joint": ((), False),
-}
+REGIMES = ("mixed", "alternate")
+CLASS_WEIGHTS = ("none", "batch")
 
 
 @flax.struct.dataclass
@@ -41,22 +72,33 @@ class SupervisedState:
 
 def sharing_from_config(config: ml_collections.ConfigDict, modalities: Sequence[str],
                         default: str) -> Sharing:
+  """The `Sharing` of `model.sharing` (or the method's default preset) for the configured net."""
   name = config.model.sharing or default
   if name not in SHARING_PRESETS:
-    raise ValueError(f"config key 'model.sharing': {name!r} is not one of {sorted(SHARING_PRESETS)}")
-  blocks, norm_per_modality = SHARING_PRESETS[name]
-  return Sharing(tuple(modalities), blocks, norm_per_modality)
+    raise ValueError(f"config key 'model.sharing': {name!r} is not one of "
+                     f"{sorted(SHARING_PRESETS)}")
+  return sharing_preset(name, network_blocks(config.model), modalities)
 
 
-def build_network(config: ml_collections.ConfigDict, num_classes: int, sharing: Sharing,
-                  num_data_shards: int) -> nn.Module:
+def norm_spec(config: ml_collections.ConfigDict, num_data_shards: int) -> NormSpec:
   norm = config.model.norm
-  spec = NormSpec(kind=norm.kind, momentum=norm.momentum, epsilon=norm.epsilon,
+  return NormSpec(kind=norm.kind, momentum=norm.momentum, epsilon=norm.epsilon,
                   num_groups=norm.num_groups, stat_shards=1 if norm.sync else num_data_shards)
-  if config.model.name == "unet":
-    return UNet(num_classes=num_classes, sharing=sharing, features=config.model.features,
-                depth=config.model.depth, ndim=config.model.ndim, norm=spec)
-  raise ValueError(f"config key 'model.name': unknown network {config.model.name!r}")
+
+
+def default_csa_layers(model_config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """Two adjacent layers in the middle of the network whose outputs are sown as features.
+
+  U-Net and dilated net: the bottleneck and the first decoder block after it; ResFCN: the
+  deepest encoder scale and the first upscore unit.
+  """
+  blocks = network_blocks(model_config)
+  if model_config.name == "resfcn":
+    encoders = [b for b in blocks if b.startswith("enc")]
+    decoders = [b for b in blocks if b.startswith("dec")]
+    return encoders[-1], decoders[0]
+  after = blocks[blocks.index("bottleneck") + 1]
+  return "bottleneck", after
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -65,20 +107,110 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
                                  decay_rate=decay.rate)
 
 
+def labelled_class_weights(labels: jax.Array, labelled: jax.Array, num_classes: int) -> jax.Array:
+  """The UMMKD code's w_c = 1 - n_c / N, counted over the labelled samples only.
+
+  With every sample labelled this is `losses.batch_class_weights`; unlabelled slices carry an
+  all-background map that must not count as background.
+
+  Args:
+    labels: [B, *spatial] integer classes.
+    labelled: [B] 0/1 weights.
+    num_classes: C.
+
+  Returns:
+    [C] float32; all ones when no sample is labelled.
+  """
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)             # [B, *S, C]
+  mask = labelled.reshape((-1,) + (1,) * (onehot.ndim - 1)).astype(jnp.float32)
+  counts = jnp.sum(onehot * mask, axis=tuple(range(onehot.ndim - 1)))          # [C]
+  total = jnp.sum(mask) * np.prod(labels.shape[1:])
+  return (1.0 - counts / jnp.maximum(total, 1.0)).astype(jnp.float32)
+
+
+def mask_unlabelled(labels: jax.Array, labelled: jax.Array, num_classes: int) -> jax.Array:
+  """Labels of unlabelled samples set to `num_classes` (outside [0, C): no class at all).
+
+  `kd_loss` and `affinity_matrices` take no sample weight; an out-of-range label has an all-zero
+  one-hot row there, so an unlabelled sample adds nothing to any class mean or class mask.
+  """
+  keep = labelled.reshape((-1,) + (1,) * (labels.ndim - 1)) > 0
+  return jnp.where(keep, labels, num_classes)
+
+
+def _select_params_like(new, old, keep, params_def):
+  """In every params-shaped subtree of an optimiser state, keeps `old` where `keep` is True."""
+  if jax.tree.structure(new) == params_def:
+    return jax.tree.map(lambda n, o, k: jnp.where(k, o, n), new, old, keep)
+  if isinstance(new, tuple):
+    items = [_select_params_like(n, o, keep, params_def) for n, o in zip(new, old)]
+    return type(new)(*items) if hasattr(new, "_fields") else tuple(items)
+  return new
+
+
 class Supervised:
-  """Dice + cross-entropy on every labelled slice, one network with the configured sharing."""
+  """Dice + CE on every labelled slice, with optional KD, (class-specific) affinity and L2.
+
+  Args:
+    config: the resolved config (sections model, loss, train).
+    num_classes: output classes, background included.
+    modalities: the modalities, in `data.modalities` order (alternate regime: this order).
+    num_data_shards: data-parallel devices (per-device batch statistics when not synced).
+    default_sharing: the method's preset when `model.sharing` is ''.
+    kd: the method distils between modalities (needs loss.kd_weight > 0).
+    csa: None, or 'class_specific' / 'plain': the method's affinity term (needs
+      loss.csa_weight > 0 and the matching loss.csa_class_specific).
+    sharing_prefix: when set, `model.sharing` must start with it (dualstream: 'dualstream_').
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int,
-               modalities: Sequence[str], num_data_shards: int = 1, default_sharing: str = "joint"):
+               modalities: Sequence[str], num_data_shards: int = 1, default_sharing: str = "joint",
+               kd: bool = False, csa: str | None = None, sharing_prefix: str = ""):
     self.config = config
     self.modalities = tuple(modalities)
     self.num_classes = num_classes
+    self.sharing_name = config.model.sharing or default_sharing
+    if sharing_prefix and not self.sharing_name.startswith(sharing_prefix):
+      raise ValueError(f"config key 'model.sharing': method {config.method!r} needs a "
+                       f"{sharing_prefix}* preset, got {self.sharing_name!r}")
     self.sharing = sharing_from_config(config, modalities, default_sharing)
-    self.network = build_network(config, num_classes, self.sharing, num_data_shards)
-    self.tx = optax.adam(learning_rate_schedule(config))
+    self.network = build_network(config.model, num_classes, self.sharing,
+                                 norm_spec(config, num_data_shards))
+    loss = config.loss
+    self.regime = config.train.regime
+    if self.regime not in REGIMES:
+      raise ValueError(f"config key 'train.regime': {self.regime!r} is not one of {REGIMES}")
+    if loss.class_weights not in CLASS_WEIGHTS:
+      raise ValueError(f"config key 'loss.class_weights': {loss.class_weights!r} is not one of "
+                       f"{CLASS_WEIGHTS}")
+    if kd and not loss.kd_weight > 0:
+      raise ValueError(f"method {config.method!r} distils: config key 'loss.kd_weight' must be "
+                       f"> 0, got {loss.kd_weight}")
+    if csa is not None:
+      if not loss.csa_weight > 0:
+        raise ValueError(f"method {config.method!r} uses the affinity loss: config key "
+                         f"'loss.csa_weight' must be > 0, got {loss.csa_weight}")
+      if loss.csa_class_specific != (csa == "class_specific"):
+        raise ValueError(f"method {config.method!r}: config key 'loss.csa_class_specific' must "
+                         f"be {csa == 'class_specific'}")
+    self.use_kd = loss.kd_weight > 0
+    self.use_csa = loss.csa_weight > 0
+    if (self.use_kd or self.use_csa) and len(self.modalities) < 2:
+      raise ValueError("config keys 'loss.kd_weight' / 'loss.csa_weight' compare modalities: "
+                       "data.modalities needs at least two")
+    if self.regime == "alternate" and (self.use_kd or self.use_csa):
+      raise ValueError("config key 'train.regime': 'alternate' sees one modality per step, so "
+                       "it cannot compare modalities (loss.kd_weight and loss.csa_weight must "
+                       "be 0)")
+    self.csa_layers = tuple(loss.csa_layers) or default_csa_layers(config.model)
+    if self.use_csa and len(self.csa_layers) != 2:
+      raise ValueError(f"config key 'loss.csa_layers' must name two blocks (or be empty for "
+                       f"the network's default), got {tuple(loss.csa_layers)}")
+    self.tx = optax.adam(learning_rate_schedule(config), eps=config.train.adam_epsilon)
     # One forward pass over the concatenated modalities when nothing is per modality: that is the
     # mixed batch of UNet-both, with one set of batch statistics over all of it.
-    self.mixed_batch = not self.sharing.norm_per_modality and not self.sharing.per_modality_blocks
+    self.mixed_batch = (not self.sharing.norm_per_modality and not self.sharing.per_modality_blocks
+                        and self.regime == "mixed")
 
   # -- state ----------------------------------------------------------------------------------
   def init(self, rng: jax.Array, example_batch: dict) -> SupervisedState:
@@ -86,7 +218,7 @@ class Supervised:
     # Jitted: an eager init dispatches (and compiles) every op one by one.
     init = jax.jit(functools.partial(self.network.init, modality=self.modalities[0], train=False))
     variables = init(rng, x)
-    params = {k: v for k, v in variables.items() if not k.startswith("stats_")}
+    params = {k: v for k, v in variables.items() if not k.startswith(("stats_", "intermediates"))}
     stats = {k: v for k, v in variables.items() if k.startswith("stats_")}
     return SupervisedState(step=jnp.zeros((), jnp.int32), params=params, stats=stats,
                            opt_state=self.tx.init(params))
@@ -97,68 +229,252 @@ class Supervised:
     return counts
 
   def describe(self) -> dict:
-    return {"network": type(self.network).__name__,
+    return {"network": type(self.network).__name__, "sharing": self.sharing_name,
             "per_modality_blocks": list(self.sharing.per_modality_blocks),
-            "norm_groups": list(self.sharing.norm_groups), "mixed_batch": self.mixed_batch}
+            "norm_groups": list(self.sharing.norm_groups), "mixed_batch": self.mixed_batch,
+            "regime": self.regime, "kd": self.use_kd, "csa": self.use_csa,
+            "csa_layers": list(self.csa_layers) if self.use_csa else []}
 
   # -- forward --------------------------------------------------------------------------------
-  def apply(self, params: dict, stats: dict, image: jax.Array, modality: str, train: bool):
-    """Returns (logits, updated stats); only the modality's own stats collection is mutable."""
+  def apply(self, params: dict, stats: dict, image: jax.Array, modality: str, train: bool,
+            rng: jax.Array | None = None, features: bool = False):
+    """Returns (logits, updated stats, features).
+
+    Only the modality's own stats collection is mutable. `features` collects the sown
+    'intermediates' (a dict `<block>_features` -> array), else it is None.
+    """
     variables = {**params, **stats}
-    if not train:
-      return self.network.apply(variables, image, modality=modality, train=False), stats
-    group = self.sharing.norm_group(modality)
-    mutable = [stats_collection(group)] if stats_collection(group) in stats else []
-    logits, updated = self.network.apply(variables, image, modality=modality, train=True,
-                                         mutable=mutable)
-    return logits, {**stats, **updated}
+    mutable = ["intermediates"] if features else []
+    if train:
+      group = self.sharing.norm_group(modality)
+      if stats_collection(group) in stats:
+        mutable.append(stats_collection(group))
+    rngs = {"dropout": rng} if (train and rng is not None) else None
+    if not mutable:
+      return self.network.apply(variables, image, modality=modality, train=train, rngs=rngs), \
+          stats, None
+    logits, updated = self.network.apply(variables, image, modality=modality, train=train,
+                                         mutable=mutable, rngs=rngs)
+    updated = dict(updated)
+    inter = updated.pop("intermediates", None)
+    feats = None
+    if features:
+      feats = {k: v[-1] for k, v in (inter or {}).items()}
+    return logits, {**stats, **updated}, feats
 
   def predict(self, state: SupervisedState, image: jax.Array, modality: str) -> jax.Array:
     return self.apply(state.params, state.stats, image, modality, train=False)[0]
 
-  # -- training -------------------------------------------------------------------------------
+  # -- losses ---------------------------------------------------------------------------------
   def segmentation_loss(self, logits: jax.Array, labels: jax.Array, labelled: jax.Array):
-    return losses.dice_ce_loss(logits, labels, sample_weight=labelled,
-                               dice_weight=self.config.loss.dice_weight,
-                               ce_weight=self.config.loss.ce_weight)
+    loss = self.config.loss
+    if loss.class_weights == "none":
+      return losses.dice_ce_loss(logits, labels, sample_weight=labelled,
+                                 dice_weight=loss.dice_weight, ce_weight=loss.ce_weight)
+    dice = losses.soft_dice_loss(logits, labels, sample_weight=labelled)
+    weights = labelled_class_weights(labels, labelled, self.num_classes)
+    ce = losses.clipped_weighted_cross_entropy(logits, labels, weights, clip=loss.ce_clip,
+                                               sample_weight=labelled)
+    return loss.dice_weight * dice + loss.ce_weight * ce
 
-  def loss_fn(self, params: dict, stats: dict, batch: dict):
-    metrics = {}
+  def kd_term(self, logits: dict, batch: dict) -> jax.Array:
+    """L_kd averaged over the modality pairs (one pair for two modalities), labelled pixels only."""
+    loss = self.config.loss
+    terms = []
+    for i, a in enumerate(self.modalities):
+      for b in self.modalities[i + 1:]:
+        la = mask_unlabelled(batch[a]["label"], batch[a]["labelled"], self.num_classes)
+        lb = mask_unlabelled(batch[b]["label"], batch[b]["labelled"], self.num_classes)
+        terms.append(losses.kd_loss(logits[a], la, logits[b], lb,
+                                    temperature=loss.kd_temperature, absent=loss.kd_absent))
+    return sum(terms) / len(terms)
+
+  def csa_term(self, feats: dict, batch: dict) -> jax.Array:
+    """L_csa between the configured pair of layers, averaged over the modality pairs."""
+    loss = self.config.loss
+    names = [f"{layer}_features" for layer in self.csa_layers]
+    for m, f in feats.items():
+      missing = [n for n in names if n not in f]
+      if missing:
+        raise ValueError(f"config key 'loss.csa_layers' {self.csa_layers}: the network sows no "
+                         f"{missing}; it sows {sorted(f)}")
+    terms = []
+    for i, a in enumerate(self.modalities):
+      for b in self.modalities[i + 1:]:
+        la = mask_unlabelled(batch[a]["label"], batch[a]["labelled"], self.num_classes)
+        lb = mask_unlabelled(batch[b]["label"], batch[b]["labelled"], self.num_classes)
+        terms.append(losses.csa_loss(tuple(feats[a][n] for n in names), la,
+                                     tuple(feats[b][n] for n in names), lb, self.num_classes,
+                                     class_specific=loss.csa_class_specific))
+    return sum(terms) / len(terms)
+
+  def weight_decay_term(self, params: dict) -> jax.Array:
+    """L2 of the kernels and the norm parameters (UMMKD's eta term), 0.5 * sum of squares."""
+    return losses.l2_weight_decay(
+        params, include=lambda path: path.endswith("kernel") or path.startswith("norm_"))
+
+  def forward_all(self, params: dict, stats: dict, batch: dict, rng: jax.Array,
+                  modalities: Sequence[str]):
+    """Training forward pass of `modalities`: (logits, stats, features) per modality."""
+    logits, feats = {}, {}
     if self.mixed_batch:
-      image = jnp.concatenate([batch[m]["image"] for m in self.modalities])
-      logits, stats = self.apply(params, stats, image, self.modalities[0], train=True)
-      sizes = [batch[m]["image"].shape[0] for m in self.modalities]
-      per_modality = jnp.split(logits, _cumulative(sizes))
-      total = 0.0
-      for m, lg in zip(self.modalities, per_modality):
-        metrics[f"seg_{m}"] = self.segmentation_loss(lg, batch[m]["label"], batch[m]["labelled"])
-        total = total + metrics[f"seg_{m}"]
+      image = jnp.concatenate([batch[m]["image"] for m in modalities])
+      out, stats, f = self.apply(params, stats, image, modalities[0], train=True, rng=rng,
+                                 features=self.use_csa)
+      sizes = [batch[m]["image"].shape[0] for m in modalities]
+      splits = np.cumsum(sizes)[:-1].tolist()
+      for m, lg in zip(modalities, jnp.split(out, splits)):
+        logits[m] = lg
+      if f is not None:
+        parts = {k: jnp.split(v, splits) for k, v in f.items()}
+        for i, m in enumerate(modalities):
+          feats[m] = {k: v[i] for k, v in parts.items()}
     else:
-      total = 0.0
-      for m in self.modalities:
-        lg, stats = self.apply(params, stats, batch[m]["image"], m, train=True)
-        metrics[f"seg_{m}"] = self.segmentation_loss(lg, batch[m]["label"], batch[m]["labelled"])
-        total = total + metrics[f"seg_{m}"]
+      for i, m in enumerate(modalities):
+        logits[m], stats, f = self.apply(params, stats, batch[m]["image"], m, train=True,
+                                         rng=jax.random.fold_in(rng, i), features=self.use_csa)
+        if f is not None:
+          feats[m] = f
+    return logits, stats, feats
+
+  def loss_fn(self, params: dict, stats: dict, batch: dict, rng: jax.Array | None = None,
+              modalities: Sequence[str] | None = None):
+    """Total loss of `modalities` (default: all), with (stats, metrics) as auxiliary output."""
+    modalities = tuple(modalities or self.modalities)
+    if rng is None:
+      rng = rng_lib.prng_key(0)
+    logits, stats, feats = self.forward_all(params, stats, batch, rng, modalities)
+    metrics = {}
+    total = jnp.zeros((), jnp.float32)
+    for m in modalities:
+      metrics[f"seg_{m}"] = self.segmentation_loss(logits[m], batch[m]["label"],
+                                                   batch[m]["labelled"])
+      total = total + metrics[f"seg_{m}"]
+    loss = self.config.loss
+    if self.use_kd:
+      metrics["kd"] = self.kd_term(logits, batch)
+      total = total + loss.kd_weight / 2 * metrics["kd"]
+    if self.use_csa:
+      metrics["csa"] = self.csa_term(feats, batch)
+      total = total + loss.csa_weight * metrics["csa"]
+    if loss.weight_decay > 0:
+      metrics["weight_decay"] = self.weight_decay_term(params)
+      total = total + loss.weight_decay * metrics["weight_decay"]
     metrics["loss"] = total
     return total, (stats, metrics)
 
+  # -- training -------------------------------------------------------------------------------
+  def modality_mask(self, params: dict, modality: str) -> dict:
+    """A params-shaped tree of Python bools: True on `modality`'s own leaves.
+
+    Its own leaves are the kernels of its per-modality blocks (`<block>_<modality>`) and its
+    norm collection; shared kernels and other modalities' leaves are False.
+    """
+    def own(path, _):
+      top = str(path[0].key)
+      if top == norm_collection(modality):
+        return True
+      if top == "params" and len(path) > 1:
+        block = str(path[1].key)
+        return block.endswith(f"_{modality}") and self.sharing.is_per_modality(
+            block[: -len(modality) - 1])
+      return False
+    return jax.tree_util.tree_map_with_path(own, params)
+
   def train_step(self, state: SupervisedState, batch: dict, rng: jax.Array):
-    del rng  # no stochastic layers
-    grads, (stats, metrics) = jax.grad(self.loss_fn, has_aux=True)(state.params, state.stats, batch)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    if self.regime == "mixed":
+      grads, (stats, metrics) = jax.grad(self.loss_fn, has_aux=True)(
+          state.params, state.stats, batch, rng)
+      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+    else:
+      params, stats, opt_state, grads, metrics = self._alternate_update(state, batch, rng)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return state.replace(step=state.step + 1, params=params, stats=stats,
                          opt_state=opt_state), metrics
 
+  def _alternate_update(self, state: SupervisedState, batch: dict, rng: jax.Array):
+    """One step on modality `step mod M`; the other modalities' own variables stay untouched."""
+    params_def = jax.tree.structure(state.params)
 
-def _cumulative(sizes: Sequence[int]) -> list[int]:
-  out, acc = [], 0
-  for s in sizes[:-1]:
-    acc += s
-    out.append(acc)
-  return out
+    def branch(i):
+      m = self.modalities[i]
+
+      def run(operands):
+        state, batch, rng = operands
+        grads, (stats, metrics) = jax.grad(self.loss_fn, has_aux=True)(
+            state.params, state.stats, batch, rng, (m,))
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # Every modality but m keeps its own leaves (kernels, norm parameters, Adam moments).
+        others = [self.modality_mask(state.params, o) for o in self.modalities if o != m]
+        keep = jax.tree.map(lambda *flags: jnp.asarray(any(flags)), *others) if others else \
+            jax.tree.map(lambda _: jnp.asarray(False), state.params)
+        params = jax.tree.map(lambda n, o, k: jnp.where(k, o, n), params, state.params, keep)
+        opt_state = _select_params_like(opt_state, state.opt_state, keep, params_def)
+        out = {"loss": metrics["loss"], "active_modality": jnp.asarray(i, jnp.float32)}
+        for o in self.modalities:
+          out[f"seg_{o}"] = metrics.get(f"seg_{o}", jnp.zeros((), jnp.float32))
+        if "weight_decay" in metrics:
+          out["weight_decay"] = metrics["weight_decay"]
+        return params, stats, opt_state, grads, out
+      return run
+
+    index = state.step % len(self.modalities)
+    return jax.lax.switch(index, [branch(i) for i in range(len(self.modalities))],
+                          (state, batch, rng))
 
 
-individual = functools.partial(Supervised, default_sharing="individual")
-joint = functools.partial(Supervised, default_sharing="joint")
+class PatchSupervised(Supervised):
+  """The same method on a 3D network (`model.ndim = 3`): 3D patches in, sliding window out.
+
+  Training batches are patches of data.image_size x `train.patch_slices` drawn by
+  `data.patches.PatchSampler` (a pure function of the step); evaluation predicts each volume
+  from overlapping windows of that one shape (`predict_volume`, used by the trainer in place of
+  slice-by-slice prediction).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, *args, **kwargs):
+    super().__init__(config, *args, **kwargs)
+    self.patch_shape = tuple(config.data.image_size) + (config.train.patch_slices,)
+    self._samplers = None
+
+  def host_batch(self, data, step: int) -> dict:
+    from unpaired_seg.data import patches  # host-side data code, only for 3D
+    if self._samplers is None:
+      c = self.config
+      self._samplers = {
+          m: patches.PatchSampler(data.cases["train"][m], c.train.batch_size, self.patch_shape,
+                                  c.data.foreground_fraction, seed=c.seed, stream=i)
+          for i, m in enumerate(data.modalities)}
+    return {m: s.batch(step) for m, s in self._samplers.items()}
+
+  def predict_volume(self, predict, state, modality: str, image, *, tile_size=None,
+                     context_slices: int = 0, batch_size: int = 2, overlap: float = 0.5):
+    """[X, Y, Z] labels; the trainer's slice arguments (tile_size, context_slices) are unused."""
+    from unpaired_seg.data import patches
+    del tile_size, context_slices
+    return patches.predict_volume_patches(predict, state, modality, image,
+                                          patch_shape=self.patch_shape,
+                                          batch_size=max(1, min(batch_size, 2)), overlap=overlap)
+
+
+def _method(default_sharing: str, kd: bool = False, csa: str | None = None,
+            sharing_prefix: str = ""):
+  def create(config: ml_collections.ConfigDict, *args, **kwargs):
+    cls = PatchSupervised if config.model.ndim == 3 else Supervised
+    return cls(config, *args, default_sharing=default_sharing, kd=kd, csa=csa,
+               sharing_prefix=sharing_prefix, **kwargs)
+  return create
+
+
+individual = _method("individual")
+joint = _method("joint")
+joint_kd = _method("joint", kd=True)
+y_shaped = _method("y_shaped")
+x_shaped = _method("x_shaped")
+dualstream = _method("dualstream_v4", sharing_prefix="dualstream_")
+chilopod = _method("chilopod")
+ummkd = _method("chilopod", kd=True)
+affinity = _method("chilopod", csa="plain")
+csa = _method("chilopod", csa="class_specific")
