@@ -7,11 +7,13 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from unpaired_seg.methods import supervised
+from unpaired_seg.methods import mmsdnet, supervised
 
 REGISTRY = {
     "individual": supervised.individual,
     "joint": supervised.joint,
+    "mmsdnet": mmsdnet.mmsdnet,
+    "dafnet": mmsdnet.dafnet,
     "joint_kd": supervised.joint_kd,
     "y_shaped": supervised.y_shaped,
     "x_shaped": supervised.x_shaped,

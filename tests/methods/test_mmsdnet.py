@@ -1,0 +1,246 @@
+"""MMSDNet/DAFNet plug-in: each update lowers its own loss, one trace, SWA, zero-shot, pairing.
+
+One tiny DAFNet (image discriminators included) on a tiny paired phantom; the jitted step is
+compiled once for the module and every step test reuses it.
+"""
+
+import types
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import dafnet, mmsdnet
+from unpaired_seg import config_schema, methods, rng, train
+from unpaired_seg.methods import mmsdnet_pairing as pairing_lib
+
+SWA_START = 2
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  config = dafnet.get_config("tiny")
+  config.data.root = str(tmp_path_factory.mktemp("phantom") / "paired")
+  config.mmsdnet.swa_start = SWA_START
+  config.mmsdnet.learning_rate.update(generator=3e-3, mask_disc=3e-3, image_disc=3e-3)
+  data = train.load_data(config, tmp_path_factory.mktemp("work"))
+  method = methods.create(config, num_classes=len(data.class_names), modalities=data.modalities)
+  batch = method.host_batch(data, 0)
+  state = method.init(rng.prng_key(0), batch)
+  chex.clear_trace_counter()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(state, batch):
+    return method.train_step(state, batch, rng.prng_key(1))
+
+  return types.SimpleNamespace(config=config, data=data, method=method, batch=batch,
+                               state=state, step=step)
+
+
+def _copy(tree):
+  return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def test_generator_step_lowers_its_loss_with_finite_gradients_in_one_trace(setup):
+  state, losses = setup.state, []
+  for _ in range(6):
+    state, metrics = setup.step(state, setup.batch)
+    assert np.isfinite(float(metrics["generator_grad_norm"]))
+    assert float(metrics["generator_grad_norm"]) > 0
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    losses.append(float(metrics["generator_loss"]))
+  assert losses[-1] < losses[0], losses
+  assert int(state.step) == 6
+  # The discriminators moved too (each has its own optimiser in the same step).
+  for part in ("mask_disc", "image_disc"):
+    before = jax.tree.leaves(setup.state.params[part])
+    after = jax.tree.leaves(state.params[part])
+    assert any(not np.allclose(a, b) for a, b in zip(before, after)), part
+
+
+def test_swa_is_the_running_mean_of_the_raw_weights_after_the_start(setup):
+  state, raw_params, raw_stats = setup.state, [], []
+  for _ in range(5):
+    state, metrics = setup.step(state, setup.batch)
+    raw_params.append(_copy(state.params["generator"]))
+    raw_stats.append(_copy(state.stats["generator"]))
+  # Steps 3, 4 and 5 are after swa_start = 2.
+  expected = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *raw_params[SWA_START:])
+  chex.assert_trees_all_close(_copy(state.swa_params), expected, rtol=1e-5, atol=1e-6)
+  expected_stats = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *raw_stats[SWA_START:])
+  chex.assert_trees_all_close(_copy(state.swa_stats), expected_stats, rtol=1e-5, atol=1e-6)
+  assert int(state.swa_count) == 5 - SWA_START
+  assert float(metrics["swa_count"]) == 5 - SWA_START
+  # Training keeps the raw weights; they differ from the average.
+  assert any(not np.allclose(a, b) for a, b in
+             zip(jax.tree.leaves(state.swa_params), jax.tree.leaves(raw_params[-1])))
+
+
+def test_unlabelled_target_slices_have_zero_supervised_loss_and_their_labels_are_unused(setup):
+  batch = jax.tree.map(np.array, setup.batch)
+  batch["ct"]["labelled"] = np.zeros_like(batch["ct"]["labelled"])
+  other = jax.tree.map(np.array, batch)
+  other["ct"]["label"] = (other["ct"]["label"] + 1) % len(setup.data.class_names)
+  state_a, metrics_a = setup.step(setup.state, batch)
+  state_b, metrics_b = setup.step(setup.state, other)
+  assert float(metrics_a["sup_ct"]) == 0.0
+  assert float(metrics_a["sup_mr"]) > 0.0
+  # The labels of unlabelled slices change nothing: not the losses, not the update.
+  chex.assert_trees_all_close(jax.device_get(metrics_a), jax.device_get(metrics_b))
+  chex.assert_trees_all_close(_copy(state_a.params), _copy(state_b.params))
+
+
+def test_discriminator_steps_lower_their_own_losses(setup):
+  method, state, batch = setup.method, setup.state, setup.batch
+  real, weight = method.real_masks(jax.tree.map(jnp.asarray, batch))
+  fake = jax.nn.softmax(jax.random.normal(jax.random.key(0), real.shape), axis=-1)
+  mask_step = jax.jit(method.mask_disc_update)
+  losses = []
+  for _ in range(8):
+    state, loss = mask_step(state, real, weight, fake)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0], losses
+
+  images = {m: jnp.asarray(batch[m]["image"]) for m in method.modalities}
+  fakes = {m: jnp.tanh(jax.random.normal(jax.random.key(i), images[m].shape))
+           for i, m in enumerate(method.modalities)}
+  image_step = jax.jit(method.image_disc_update)
+  losses = []
+  for _ in range(8):
+    state, loss = image_step(state, images, fakes)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0], losses
+
+
+def test_single_and_multi_input_inference(setup):
+  method, state = setup.method, setup.state   # untrained: the STN is exactly the identity
+  x = jnp.asarray(setup.batch["mr"]["image"])
+  partner = jnp.asarray(setup.batch["mr"]["partner_image"])            # [B, 1, H, W, 1] CT
+  params, stats = state.swa_params, state.swa_stats
+  s_mr = method._gen(params, stats, "anatomy", x, "mr")[0]
+  s_ct = method._gen(params, stats, "anatomy", partner[:, 0], "ct")[0]
+  assert set(np.unique(np.asarray(s_mr))) <= {0.0, 1.0}
+  # Single input: the image's own anatomy through the segmentor.
+  own = method._gen(params, stats, "segment", s_mr, "mr")[0]
+  np.testing.assert_allclose(np.asarray(method.predict(state, x, "mr")), np.asarray(own),
+                             atol=1e-5)
+  # Multi input: with the identity warp, the element-wise maximum of the two anatomies.
+  fused = np.maximum(np.asarray(s_mr), np.asarray(s_ct))
+  expected = jax.nn.softmax(method._gen(params, stats, "segment", jnp.asarray(fused), "mr")[0], -1)
+  multi = method.predict_multi(state, x, "mr", partner)
+  np.testing.assert_allclose(np.asarray(multi), np.asarray(expected), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(multi).sum(-1), 1.0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pairing (host side, no JAX).
+# ------------------------------------------------------------------------------------------------
+
+
+def _host(data, step, pairing, k=3):
+  return pairing_lib.host_batch(data, step, pairing=pairing,
+                                k=pairing_lib.num_candidates(pairing, k), window=2, seed=0)
+
+
+@pytest.mark.parametrize("pairing", pairing_lib.PAIRINGS)
+def test_pairing_is_a_pure_function_of_the_step(setup, pairing):
+  a, b, c = (_host(setup.data, s, pairing) for s in (3, 3, 4))
+  chex.assert_trees_all_equal(a, b)
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+
+
+def _check_partner_images(data, batch, j, i):
+  for row, (cases, slices) in enumerate(zip(batch[j]["partner_case"], batch[j]["partner_slice"])):
+    for n, (c, s) in enumerate(zip(cases, slices)):
+      np.testing.assert_array_equal(batch[j]["partner_image"][row, n, ..., 0],
+                                    data.cases["train"][i][c].image[:, :, s])
+
+
+def test_expert_pairs_are_the_same_subject_and_slice(setup):
+  data = setup.data
+  for step in range(3):
+    batch = _host(data, step, "expert")
+    for j, i in (("mr", "ct"), ("ct", "mr")):
+      assert batch[j]["partner_image"].shape[1] == 1
+      for ci, z, pc, ps in zip(batch[j]["case_index"], batch[j]["slice_index"],
+                               batch[j]["partner_case"][:, 0], batch[j]["partner_slice"][:, 0]):
+        assert data.cases["train"][j][ci].subject == data.cases["train"][i][pc].subject
+        assert ps == z
+      _check_partner_images(data, batch, j, i)
+
+
+def test_auto_and_random_candidates_stay_within_two_slices_of_the_expert_pair(setup):
+  data = setup.data
+  for step in range(4):
+    auto = _host(data, step, "auto", k=3)
+    shuffled = _host(data, step, "random")
+    for j, i in (("mr", "ct"), ("ct", "mr")):
+      assert auto[j]["partner_slice"].shape == (len(auto[j]["slice_index"]), 3)
+      for z, slices, cases in zip(auto[j]["slice_index"], auto[j]["partner_slice"],
+                                  auto[j]["partner_case"]):
+        assert z in slices                    # the expert slice is always a candidate
+        assert np.all(np.abs(slices - z) <= 2)
+        assert len(set(cases)) == 1
+      assert np.all(np.abs(shuffled[j]["partner_slice"][:, 0] - shuffled[j]["slice_index"]) <= 2)
+      _check_partner_images(data, auto, j, i)
+
+
+def test_cross_subject_candidates_are_other_subjects_at_the_same_relative_position(setup):
+  data = setup.data
+  batch = _host(data, 5, "cross_subject", k=2)
+  for j, i in (("mr", "ct"), ("ct", "mr")):
+    for ci, z, cases, slices in zip(batch[j]["case_index"], batch[j]["slice_index"],
+                                    batch[j]["partner_case"], batch[j]["partner_slice"]):
+      case = data.cases["train"][j][ci]
+      for c, s in zip(cases, slices):
+        partner = data.cases["train"][i][c]
+        assert partner.subject != case.subject
+        assert s == round(z * (partner.num_slices - 1) / (case.num_slices - 1))
+  assert pairing_lib.relative_slice(5, 11, 21) == 10
+  assert pairing_lib.relative_slice(0, 1, 9) == 0
+
+
+def test_expert_pairing_on_unpaired_data_is_a_clear_error(setup):
+  unpaired = types.SimpleNamespace(**vars(setup.data))
+  unpaired.manifest = types.SimpleNamespace(paired=False, name="unpaired_set")
+  with pytest.raises(config_schema.ConfigError, match="cross_subject"):
+    _host(unpaired, 0, "expert")
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", [mmsdnet, dafnet])
+@pytest.mark.parametrize("arg", ["", "tiny,decoder=spade,stn=off",
+                                 "label_fraction=0,target=ct,pairing=auto",
+                                 "tiny,pairing=cross_subject,label_fraction=0.5,target=mr"])
+def test_configs_validate_and_follow_their_arguments(module, arg):
+  config = module.get_config(arg)
+  config_schema.validate(config, methods.REGISTRY)
+  args = dict(item.split("=") for item in arg.split(",") if "=" in item)
+  section = config.mmsdnet
+  assert section.decoder == args.get("decoder", "film")
+  assert section.stn == (args.get("stn", "on") == "on")
+  assert section.pairing == args.get("pairing", "expert")
+  expected_mode = "unpaired" if section.pairing == "cross_subject" else "paired"
+  assert config.data.phantom.mode == expected_mode
+  if "label_fraction" in args:
+    assert config.data.target_modality == args["target"]
+    assert config.data.label_fraction == float(args["label_fraction"])
+  journal = module is dafnet
+  assert section.image_disc == journal
+  assert section.weights.rec == (1.0 if journal else 10.0)
+  assert section.weights.adv_image == (1.0 if journal else 0.0)
+  assert (section.weights.kl, section.weights.sup, section.weights.z_rec) == (0.1, 10.0, 1.0)
+
+
+def test_an_unknown_section_key_is_named():
+  config = mmsdnet.get_config("tiny")
+  config.mmsdnet.swa_begin = 3
+  with pytest.raises(config_schema.ConfigError, match="mmsdnet.swa_begin"):
+    config_schema.validate(config, methods.REGISTRY)

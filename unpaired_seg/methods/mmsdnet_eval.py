@@ -1,0 +1,173 @@
+"""MMSDNet/DAFNet test-time extras: multi-input segmentation and the disentanglement analysis.
+
+Multi input: each test slice's anatomy is fused with the aligned anatomy of its partner slice(s)
+from the other modality's TEST volumes, chosen as in training (`mmsdnet_pairing.candidates`,
+deterministically: the expert slice; with 'auto' also its nearest neighbours; with
+'cross_subject' the next k test volumes at the same relative position), and with k candidates the
+k predictions are summed with the pair-weighting network's weights. Only the training view of each
+volume (data.image_size, cut around the body) is predicted; outside it is background. The
+predicted volume is scored exactly as the single-input one (`evaluate.to_reference`,
+`metrics.evaluate_volume`), and the block goes into summary.json as "multi_input", shaped as
+summary["modalities"].
+
+Disentanglement: on up to `mmsdnet.analysis_slices` test slices per modality, dCor(s, z), a
+logistic-regression modality classifier on z, and a latent traversal figure; written to
+disentanglement.json and traversal.png in the workdir.
+
+  python -m unpaired_seg.main --config=configs/mmsdnet.py --workdir=/tmp/mmsdnet --mode=evaluate
+"""
+
+import pathlib
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from unpaired_seg import analysis
+from unpaired_seg import evaluate as evaluate_lib
+from unpaired_seg import metrics as metrics_lib
+from unpaired_seg.data import geometry
+from unpaired_seg.data import pipeline
+from unpaired_seg.methods import mmsdnet_pairing as pairing_lib
+
+
+def extra_evaluations(method, state, data, *, config, workdir, settings: Mapping) -> dict:
+  """{"multi_input": {modality: block}, "disentanglement": {...}} for summary.json."""
+  out = {"multi_input": evaluate_multi_input(method, state, data, config, settings)}
+  for m, block in out["multi_input"].items():
+    logging.info("multi-input test mean foreground Dice %s: %.4f", m, block["mean"].get("dice"))
+  if method.settings.analysis:
+    out["disentanglement"] = disentanglement(method, state, data, pathlib.Path(workdir))
+  return metrics_lib.to_jsonable(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-input segmentation.
+# ------------------------------------------------------------------------------------------------
+
+
+def _multi_predictor(method):
+  cache = {}
+
+  def predict(state, image, modality, partner):
+    if modality not in cache:
+      cache[modality] = jax.jit(lambda s, x, p: method.predict_multi(s, x, modality, p))
+    return np.asarray(cache[modality](state, image, partner))
+
+  return predict
+
+
+def predict_multi_volume(predict, state, case, partner_cases, partner_index, *, modality: str,
+                         partner_modality: str, case_pos: int, pairing: str, k: int, window: int,
+                         batch_size: int) -> np.ndarray:
+  """uint8 [h, w, Z] labels of the training view of `case`, each slice fused with its partners."""
+  z_count = case.num_slices
+  labels = np.zeros(case.image.shape[:2] + (z_count,), np.uint8)
+  for z0 in range(0, z_count, batch_size):
+    zs = list(range(z0, min(z0 + batch_size, z_count)))
+    images, partners = [], []
+    for z in zs:
+      row = pairing_lib.candidates(pairing, k, window, case, case_pos, z, partner_cases,
+                                   partner_index, partner_modality, rng=None)
+      images.append(pipeline.slice_stack(case.image, np.array([z]), 0)[0])
+      partners.append(np.stack([pipeline.slice_stack(partner_cases[c].image, np.array([s]), 0)[0]
+                                for c, s in row]))
+    pad = batch_size - len(zs)  # one batch shape: one compile
+    images += [images[-1]] * pad
+    partners += [partners[-1]] * pad
+    probs = predict(state, np.stack(images).astype(np.float32), modality,
+                    np.stack(partners).astype(np.float32))
+    labels[:, :, zs] = np.moveaxis(np.argmax(probs[:len(zs)], axis=-1), 0, -1)
+  return labels
+
+
+def evaluate_multi_input(method, state, data, config, settings: Mapping) -> dict:
+  """Per modality the test metrics of the multi-input prediction, shaped as evaluate_cases'."""
+  s = method.settings
+  predict = _multi_predictor(method)
+  batch_size = min(config.eval.batch_size, 16)
+  result = {}
+  for j in method.modalities:
+    i = method.other(j)
+    cases, partners = data.cases["test"][j], data.cases["test"][i]
+    if not cases or not partners:
+      continue
+    partner_index = {c.subject: n for n, c in enumerate(partners)}
+    per_case, grids = {}, set()
+    for pos, case in enumerate(cases):
+      view = predict_multi_volume(predict, state, case, partners, partner_index, modality=j,
+                                  partner_modality=i, case_pos=pos, pairing=s.pairing, k=method.k,
+                                  window=s.pair_window, batch_size=batch_size)
+      full = geometry.invert_box(view, case.box, case.grid_image.shape[:2])
+      pred, ref = evaluate_lib.to_reference(case, full, config.eval.grid)
+      per_case[case.case] = metrics_lib.evaluate_volume(
+          pred, ref.label, data.class_names, ref.spacing, metrics=tuple(config.eval.metrics),
+          slice_axis=ref.slice_axis, **dict(settings))
+      grids.add(ref.grid)
+    agg = metrics_lib.aggregate(per_case)
+    result[j] = {"grid": "+".join(sorted(grids)), "mean": agg["mean"],
+                 "per_class": agg["per_class"], "std": agg["std"], "count": agg["count"],
+                 "per_case": per_case, "partner_modality": i, "pairing": s.pairing,
+                 "candidates": method.k}
+  return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Disentanglement.
+# ------------------------------------------------------------------------------------------------
+
+
+def _test_slices(cases, count: int) -> np.ndarray:
+  """Up to `count` test slices [n, h, w, 1], spread evenly over the volumes and their slices."""
+  pairs = [(c, z) for c in cases for z in range(c.num_slices)]
+  if not pairs:
+    return np.zeros((0,) + cases[0].image.shape[:2] + (1,), np.float32)
+  picks = np.unique(np.linspace(0, len(pairs) - 1, min(count, len(pairs))).round().astype(int))
+  return np.stack([pairs[p][0].image[:, :, pairs[p][1], None] for p in picks]).astype(np.float32)
+
+
+def disentanglement(method, state, data, workdir: pathlib.Path) -> dict:
+  """dCor(s, z), the modality classifier on z and traversal.png; also disentanglement.json."""
+  params, stats = state.swa_params, state.swa_stats
+
+  def encode(x, modality):
+    s, _ = method._gen(params, stats, "anatomy", x, modality)
+    mean = method._gen(params, stats, "encode_modality", s, x, False)[0][1]
+    return s, mean
+
+  decode = jax.jit(lambda s, z: method._gen(params, stats, "decode", s, z)[0])
+  factors, codes, labels, first = [], [], [], {}
+  for index, m in enumerate(method.modalities):
+    x = _test_slices(data.cases["test"][m], method.settings.analysis_slices)
+    if not len(x):
+      continue
+    s, z = jax.jit(encode, static_argnums=1)(jnp.asarray(x), m)
+    factors.append(np.asarray(s))
+    codes.append(np.asarray(z))
+    labels.append(np.full(len(x), index))
+    first[m] = (np.asarray(s[len(x) // 2:len(x) // 2 + 1]), np.asarray(z[len(x) // 2]))
+  s_all, z_all = np.concatenate(factors), np.concatenate(codes)
+  out = {"samples": int(len(z_all)), "modalities": list(method.modalities),
+         "dcor_s_z": analysis.distance_correlation(s_all.reshape(len(s_all), -1), z_all),
+         "dcor_s_z_per_modality": {m: analysis.distance_correlation(f.reshape(len(f), -1), c)
+                                   for m, f, c in zip(method.modalities, factors, codes)}}
+  modality = np.concatenate(labels)
+  if min(np.bincount(modality, minlength=2)) >= 4:
+    out["modality_classifier"] = analysis.modality_classifier(z_all, modality)
+  values = analysis.traversal_values()
+  rows, row_labels = [], []
+  for m, (s, z) in first.items():
+    for d in range(z.shape[0]):
+      zs = np.repeat(z[None], len(values), axis=0)
+      zs[:, d] = values
+      rows.append(np.asarray(decode(np.repeat(s, len(values), axis=0), zs))[..., 0])
+      row_labels.append(f"{m} z{d}")
+  analysis.save_traversal(np.stack(rows), workdir / "traversal.png", row_labels=row_labels,
+                          values=values)
+  out = metrics_lib.to_jsonable(out)
+  pipeline.write_json_atomic(workdir / "disentanglement.json", out)
+  logging.info("disentanglement: dCor(s, z) %.3f, modality accuracy from z %s", out["dcor_s_z"],
+               out.get("modality_classifier", {}).get("accuracy"))
+  return out
