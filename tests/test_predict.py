@@ -76,6 +76,7 @@ def test_model_info_holds_what_predict_needs(run):
   train_cases = [c.case for c in run["data"].cases["train"]["ct"]]
   assert ct["scheme"] == "dataset_zscore" and ct["fitted_on"] == sorted(train_cases)
   assert info["normalization"]["mr"] == {"scheme": "zscore"}
+  assert info["source_axis_flips"] == {"mr": [], "ct": [1]}      # as prepare read BTCV CT
 
 
 def test_predict_writes_what_evaluation_scored_in_the_input_geometry(run, model, tmp_path):
@@ -134,6 +135,40 @@ def test_a_flipped_and_permuted_file_gives_the_same_labels_in_world_space(run, m
   assert len(np.unique(np.asarray(a.dataobj))) > 1
   np.testing.assert_array_equal(np.swapaxes(np.asarray(b.dataobj), 0, 1)[:, ::-1],
                                 np.asarray(a.dataobj))
+
+
+def test_ct_files_are_read_with_the_runs_axis_correction(run, model):
+  image_path, _ = _source_files(run, "ct", run["data"].cases["test"]["ct"][0].case)
+  src = nib.load(str(image_path))
+  data, affine = np.asarray(src.dataobj), src.affine
+  auto = predict.predict_array(model, data, affine, "ct")
+  assert len(np.unique(auto)) > 1
+  np.testing.assert_array_equal(predict.predict_array(model, data, affine, "ct",
+                                                      source_axis_flips=(1,)), auto)
+  # Without the correction the file is read mirrored front-to-back: the same prediction as for
+  # the mirrored voxels read with the correction, and not the corrected one.
+  plain = predict.predict_array(model, data, affine, "ct", source_axis_flips=())
+  np.testing.assert_array_equal(
+      plain, predict.predict_array(model, data[:, ::-1], affine, "ct")[:, ::-1])
+  assert not np.array_equal(plain, auto)
+  # The run's MR needs none: 'auto' and an explicit empty list agree.
+  mr_path, _ = _source_files(run, "mr", run["data"].cases["test"]["mr"][0].case)
+  mr = nib.load(str(mr_path))
+  np.testing.assert_array_equal(
+      predict.predict_array(model, np.asarray(mr.dataobj), mr.affine, "mr"),
+      predict.predict_array(model, np.asarray(mr.dataobj), mr.affine, "mr", source_axis_flips=()))
+  with pytest.raises(predict.PredictError, match="source_axis_flips"):
+    predict.predict_array(model, data, affine, "ct", source_axis_flips=(3,))
+
+
+def test_source_axis_flips_flag():
+  assert predict.parse_source_axis_flips("auto") is None
+  assert predict.parse_source_axis_flips(None) is None
+  assert predict.parse_source_axis_flips("none") == ()
+  assert predict.parse_source_axis_flips("1,0") == (0, 1)
+  for bad in ("x", "1,1", "3", "0,,1"):
+    with pytest.raises(predict.PredictError, match="--source_axis_flips"):
+      predict.parse_source_axis_flips(bad)
 
 
 def test_the_header_geometry_is_copied_exactly_even_from_a_qform_only_file(run, model, tmp_path):

@@ -4,8 +4,9 @@
       --output=/tmp/pred_mr
 
 Every `*.nii.gz` / `*.nii` in --input (nnU-Net's `<case>_0000` suffix is dropped from the output
-name) goes the way the training volumes went, as recorded in the run's model_info.json: reoriented
-to RAS, resampled in-plane to the run's target spacing (as `prepare` did; an integer image is
+name) goes the way the training volumes went, as recorded in the run's model_info.json: its affine
+corrected as `prepare` corrected the modality's sources (--source_axis_flips), reoriented to RAS,
+resampled in-plane to the run's target spacing (as `prepare` did; an integer image is
 rounded to its type as `prepare` stored it), normalised by the modality's scheme (with the
 training split's statistics for `dataset_zscore`), predicted slice by slice in tiles of the
 training size (one compile), re-stacked, and taken back to the input's grid by nearest neighbour.
@@ -14,13 +15,21 @@ and sform), written atomically (a temporary file, then a rename). --output must 
 inside, --input: nothing is ever written into the input folder.
 
 --checkpoint=best (default; the latest when no best exists) or latest.
+
+--source_axis_flips=auto (default) | none | 0,1,...: voxel axes of the input files whose affine
+direction is reversed before anything else (`geometry.reverse_axis_directions`; the voxels are
+not touched). `auto` takes the run's value for --modality from model_info.json: the axes `prepare`
+reversed in that modality's training sources (axis 1 of BTCV CT, whose affines put the back of
+the body in front; none for a run whose model_info.json predates the key). `none` reverses
+nothing; `1` or `0,1` name the axes. Only the reading changes: the output keeps the input's
+voxel grid and header.
 """
 
 import dataclasses
 import os
 import pathlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import ml_collections
 import nibabel as nib
@@ -111,8 +120,35 @@ def load_model(workdir: os.PathLike, checkpoint: str = "best") -> Model:
                evaluate_lib.make_predictor(method))
 
 
+def parse_source_axis_flips(text: str | None) -> tuple[int, ...] | None:
+  """The --source_axis_flips flag: 'auto' (or empty) -> None, 'none' -> (), '0,1' -> (0, 1)."""
+  text = "auto" if text is None else str(text).strip()
+  if text in ("auto", ""):
+    return None
+  if text == "none":
+    return ()
+  try:
+    return geometry.check_axes([int(a) for a in text.split(",")], "--source_axis_flips")
+  except (ValueError, geometry.GeometryError):
+    raise PredictError(f"--source_axis_flips={text!r}: expected auto, none or distinct voxel "
+                       "axes in 0..2 such as 1 or 0,1") from None
+
+
+def run_source_axis_flips(model: Model, modality: str) -> tuple[int, ...]:
+  """The axes `prepare` reversed in the run's `modality` sources; () without the key."""
+  where = model.workdir / "model_info.json"
+  flips = model.info.get("source_axis_flips", {})
+  if not isinstance(flips, Mapping):
+    raise PredictError(f"{where}: key 'source_axis_flips' must map modalities to lists of axes")
+  try:
+    return geometry.check_axes(flips.get(modality, []), f"source_axis_flips.{modality}")
+  except geometry.GeometryError as e:
+    raise PredictError(f"{where}: {e}") from None
+
+
 def predict_array(model: Model, image: np.ndarray, affine: np.ndarray, modality: str,
-                  *, name: str = "image") -> np.ndarray:
+                  *, name: str = "image",
+                  source_axis_flips: Sequence[int] | None = None) -> np.ndarray:
   """Labels for one [X, Y, Z] image as stored (any orientation), on the same grid.
 
   Args:
@@ -121,6 +157,8 @@ def predict_array(model: Model, image: np.ndarray, affine: np.ndarray, modality:
     affine: [4, 4] of the file.
     modality: one of the run's modalities.
     name: named in errors.
+    source_axis_flips: voxel axes whose affine direction is reversed before reorientation;
+      None takes the run's value for `modality` (`run_source_axis_flips`).
 
   Returns:
     uint8 [X, Y, Z] shared labels.
@@ -129,6 +167,15 @@ def predict_array(model: Model, image: np.ndarray, affine: np.ndarray, modality:
   if modality not in info["modalities"]:
     raise PredictError(f"--modality={modality!r}: the run {model.workdir} was trained on "
                        f"{info['modalities']}")
+  if source_axis_flips is None:
+    flips = run_source_axis_flips(model, modality)
+  else:
+    try:
+      flips = geometry.check_axes(source_axis_flips, "source_axis_flips")
+    except geometry.GeometryError as e:
+      raise PredictError(str(e)) from None
+  # As `prepare` read the training sources: the voxels stay, so the way back needs no undoing.
+  affine = geometry.reverse_axis_directions(affine, np.shape(image), flips)
   target = info["target_spacing"]
   grid_image, _, _, record = geometry.to_model_grid(image, None, affine,
                                                     None if target is None else tuple(target))
@@ -197,9 +244,16 @@ def input_files(folder: pathlib.Path) -> list[pathlib.Path]:
 
 
 def predict_folder(model: Model, input_dir: os.PathLike, modality: str,
-                   output_dir: os.PathLike) -> list[pathlib.Path]:
-  """Predicts every image in `input_dir` into `output_dir` (see the module docstring)."""
+                   output_dir: os.PathLike, *,
+                   source_axis_flips: Sequence[int] | None = None) -> list[pathlib.Path]:
+  """Predicts every image in `input_dir` into `output_dir` (see the module docstring).
+
+  `source_axis_flips`: as in `predict_array` (None: the run's value for `modality`).
+  """
   source, out = check_output(input_dir, output_dir)
+  if source_axis_flips is None and modality in model.info["modalities"]:
+    logging.info("%s: reversing the affine direction of voxel axes %s (the run's)", modality,
+                 list(run_source_axis_flips(model, modality)))
   written = []
   for path in input_files(source):
     image, _ = ds._read_nifti(path)  # noqa: SLF001  (checks 3D and the affine, names the file)
@@ -207,7 +261,7 @@ def predict_folder(model: Model, input_dir: os.PathLike, modality: str,
     if np.issubdtype(image.dtype, np.floating) and not np.all(np.isfinite(image)):
       raise PredictError(f"{path}: image holds NaN or inf voxels")
     labels = predict_array(model, image, np.asarray(like.affine, np.float64), modality,
-                           name=str(path))
+                           name=str(path), source_axis_flips=source_axis_flips)
     target = out / output_name(path)
     write_like(target, labels, like)
     logging.info("%s -> %s %s", path, target, np.bincount(labels.ravel()).tolist())
@@ -221,6 +275,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("modality", None, "Their modality (one of the run's).")
   flags.DEFINE_string("output", None, "Folder for the label files (not inside --input).")
   flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint predicts.")
+  flags.DEFINE_string("source_axis_flips", "auto", "auto (the run's value for --modality), none, "
+                      "or voxel axes such as 1 or 0,1 whose affine direction is reversed.")
   flags.mark_flags_as_required(["workdir", "input", "modality", "output"])
 
 
@@ -230,8 +286,9 @@ def main(argv) -> int:
   f = flags.FLAGS
   try:
     check_output(f.input, f.output)  # before the model is built: fail in a second
+    flips = parse_source_axis_flips(f.source_axis_flips)
     model = load_model(f.workdir, f.checkpoint)
-    written = predict_folder(model, f.input, f.modality, f.output)
+    written = predict_folder(model, f.input, f.modality, f.output, source_axis_flips=flips)
   except (ValueError, FileNotFoundError) as e:  # every error here names its file or flag
     logging.error("%s", e)
     return 1

@@ -169,7 +169,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data:
       method=config.method, class_names=manifest.labels, modalities=modalities,
       image_size=config.data.image_size, context_slices=config.data.context_slices,
       crop=config.data.crop, target_spacing=pipeline.target_spacing_of(everything),
-      normalization=normalization, dataset=manifest.name))
+      normalization=normalization, dataset=manifest.name,
+      source_axis_flips={m: manifest.modalities[m].source_axis_flips for m in modalities}))
   samplers = {
       m: pipeline.SliceSampler(cases["train"][m], config.train.batch_size,
                                config.data.foreground_fraction, config.data.context_slices,

@@ -105,6 +105,7 @@ def test_manifest_round_trip(root):
   assert mr.unmapped == "error"  # The default.
   assert mr.subjects == {"case_000": "s000"}
   assert manifest.phantom is None
+  assert mr.source_axis_flips == () and ct.source_axis_flips == ()    # key absent: none
 
   # Writing the loaded manifest back reproduces it exactly, file bytes included.
   before = (root / "dataset.json").read_bytes()
@@ -142,6 +143,12 @@ def test_subject_of(root):
      "modalities.ct.label_map.six"),
     (lambda m: m["modalities"]["ct"]["label_map"].update({"06": 1}), "modalities.ct.label_map.06"),
     (lambda m: m["modalities"]["ct"].update(unmapped="ignore"), "modalities.ct.unmapped"),
+    (lambda m: m["modalities"]["ct"].update(source_axis_flips=[3]),
+     "modalities.ct.source_axis_flips"),
+    (lambda m: m["modalities"]["ct"].update(source_axis_flips=[1, 1]),
+     "modalities.ct.source_axis_flips"),
+    (lambda m: m["modalities"]["ct"].update(source_axis_flips=1),
+     "modalities.ct.source_axis_flips"),
     (lambda m: m["modalities"]["ct"].update(labelmap={}), "modalities.ct.labelmap"),
     (lambda m: m["modalities"]["ct"].pop("label_map"), "modalities.ct.label_map"),
     (lambda m: m["modalities"]["mr"].update(subjects={"case_000": 3}), "modalities.mr.subjects"),
@@ -463,3 +470,13 @@ def test_write_manifest_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch
     dataset.write_manifest(tmp_path, _manifest_with(lambda m: m.update(name="other")))
   assert (tmp_path / "dataset.json").read_bytes() == original
   assert sorted(os.listdir(tmp_path)) == ["dataset.json"]
+
+
+def test_source_axis_flips_are_read_sorted_and_written_back(root):
+  _write_raw_manifest(root, _manifest_with(
+      lambda m: m["modalities"]["ct"].update(source_axis_flips=[2, 1])))
+  manifest = dataset.load_manifest(root)
+  assert manifest.modalities["ct"].source_axis_flips == (1, 2)
+  assert manifest.modalities["mr"].source_axis_flips == ()
+  written = manifest.to_dict()["modalities"]
+  assert written["ct"]["source_axis_flips"] == [1, 2] and "source_axis_flips" not in written["mr"]

@@ -298,3 +298,38 @@ def test_invert_box_restores_the_array_inside_the_box(box):
   assert np.all(back[~inside] == 0)
   with pytest.raises(geometry.GeometryError, match="'size'"):
     geometry.apply_box(array, box, (size[0] + 1, size[1]))
+
+
+def test_reverse_axis_directions_mirrors_in_world_space_on_the_same_voxel_centres():
+  affine = np.array([[-0.8, 0.05, 0., 4.], [0.02, -0.7, 0.1, 6.], [0., 0., 3.0, 1.], [0, 0, 0, 1]])
+  shape = (5, 7, 3)
+  fixed = geometry.reverse_axis_directions(affine, shape, [1])
+  # Voxel (i, j, k) now lies where (i, n_j - 1 - j, k) lay.
+  for i, j, k in itertools.product(range(5), range(7), range(3)):
+    np.testing.assert_allclose(fixed @ np.r_[i, j, k, 1], affine @ np.r_[i, 6 - j, k, 1],
+                               atol=1e-12)
+  assert nib.aff2axcodes(affine) == ("L", "P", "S") and nib.aff2axcodes(fixed) == ("L", "A", "S")
+  # Twice is the identity; no axes is a copy; two axes at once equal one after the other.
+  np.testing.assert_allclose(geometry.reverse_axis_directions(fixed, shape, (1,)), affine,
+                             atol=1e-12)
+  same = geometry.reverse_axis_directions(affine, shape, ())
+  assert np.array_equal(same, affine) and same is not affine
+  np.testing.assert_allclose(
+      geometry.reverse_axis_directions(affine, shape, (2, 0)),
+      geometry.reverse_axis_directions(geometry.reverse_axis_directions(affine, shape, (0,)),
+                                       shape, (2,)), atol=1e-12)
+
+
+@pytest.mark.parametrize("axes", [[3], [1, 1], "1", [True], [-1], None])
+def test_reverse_axis_directions_rejects_bad_axes(axes):
+  with pytest.raises(geometry.GeometryError, match="'axes'"):
+    geometry.reverse_axis_directions(np.eye(4), (2, 2, 2), axes)
+
+
+def test_check_axes_sorts_and_names_the_argument():
+  assert geometry.check_axes([2, 0]) == (0, 2)
+  assert geometry.check_axes(np.array([1])) == (1,)
+  with pytest.raises(geometry.GeometryError, match="'source_axis_flips'"):
+    geometry.check_axes([0, 0], "source_axis_flips")
+  with pytest.raises(geometry.GeometryError, match="'shape'"):
+    geometry.reverse_axis_directions(np.eye(4), (2, 0, 2), [0])

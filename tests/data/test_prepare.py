@@ -3,6 +3,7 @@
   python -m pytest -q tests/data/test_prepare.py
 """
 
+import json
 import os
 import pathlib
 import subprocess
@@ -23,9 +24,15 @@ MR_AFFINE = np.array([[-1.25, 0., 0., 20.], [0., 1.25, 0., -10.], [0., 0., 7.7, 
                       [0., 0., 0., 1.]])
 CT_AFFINE = np.array([[-0.8, 0., 0., 4.], [0., -0.8, 0., 6.], [0., 0., 3.0, 1.],
                       [0., 0., 0., 1.]])
-# The reversed stored axes of each orientation (to get the canonical array by hand).
+# BTCV's affines reverse voxel axis 1 (front-to-back); prepare corrects them, so the CT source
+# reads as LAS like the MR one.
+CT_SOURCE_AXIS_FLIPS = (1,)
+CT_CORRECTED = geometry.reverse_axis_directions(CT_AFFINE, SHAPE, CT_SOURCE_AXIS_FLIPS)
+# The reversed stored axes of each (corrected) orientation (to get the canonical array by hand).
 MR_FLIPS = (0,)
-CT_FLIPS = (0, 1)
+CT_FLIPS = (0,)
+# An LPS file read as it is (the generic folder importer corrects nothing).
+LPS_FLIPS = (0, 1)
 MR_SHARED = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4}
 # BTCV: 6 liver, 2/3 kidneys, 1 spleen; 7 (stomach) and 8 (aorta) are background here.
 CT_SHARED = {0: 0, 6: 1, 2: 2, 3: 3, 1: 4, 7: 0, 8: 0}
@@ -92,12 +99,16 @@ def test_abdomen_layout_at_source_spacing(tmp_path):
   assert "not Hounsfield" in loaded.description
   assert dataset.list_cases(loaded, "mr") == ["chaos_01", "chaos_05"]
   assert dataset.list_cases(loaded, "ct") == ["btcv_00", "btcv_03"]
+  assert loaded.modalities["ct"].source_axis_flips == CT_SOURCE_AXIS_FLIPS
+  assert loaded.modalities["mr"].source_axis_flips == ()
 
   for modality, prefix, ids, flips, table in (("mr", "chaos", (1, 5), MR_FLIPS, MR_SHARED),
                                               ("ct", "btcv", (0, 3), CT_FLIPS, CT_SHARED)):
     volumes = dataset.load_modality(loaded, modality)
+    source_flips = CT_SOURCE_AXIS_FLIPS if modality == "ct" else ()
     for volume, subject in zip(volumes, ids):
-      src_image, src_affine = _read(source / modality / f"image_{subject}.nii.gz")
+      src_image, file_affine = _read(source / modality / f"image_{subject}.nii.gz")
+      src_affine = geometry.reverse_axis_directions(file_affine, SHAPE, source_flips)
       src_label, _ = _read(source / modality / f"label_{subject}.nii.gz")
       assert nib.aff2axcodes(volume.affine) == ("R", "A", "S")
       np.testing.assert_array_equal(volume.image, _canonical_by_hand(src_image, flips))
@@ -115,8 +126,13 @@ def test_abdomen_layout_at_source_spacing(tmp_path):
       record, info = prepare.load_geometry(tmp_path / "out", modality, volume.case)
       assert info["source_label"] == str((source / modality / f"label_{subject}.nii.gz").resolve())
       assert info["target_spacing"] is None
+      assert info["source_axis_flips"] == list(source_flips)
       np.testing.assert_array_equal(geometry.to_source_grid(raw, record), src_label)
       np.testing.assert_allclose(np.asarray(record.source_affine), src_affine, atol=1e-6)
+      # Reversing the recorded axes again gives the file's own affine back.
+      np.testing.assert_allclose(
+          geometry.reverse_axis_directions(record.source_affine, SHAPE, info["source_axis_flips"]),
+          file_affine, atol=1e-6)
   assert volumes[0].image.dtype == np.float32
   assert prepare.check_dataset(tmp_path / "out") == []
   assert _no_partial_folders(tmp_path)
@@ -142,6 +158,14 @@ def test_abdomen_layout_resampled(tmp_path):
   assert _read(tmp_path / "out" / "mr" / "imagesTr" / "chaos_01.nii.gz")[0].dtype == np.int16
   assert _read(tmp_path / "out" / "ct" / "imagesTr" / "btcv_00.nii.gz")[0].dtype == np.uint8
   assert prepare.check_dataset(tmp_path / "out") == []
+  # A manifest whose source_axis_flips disagree with the cases' geometry records is reported.
+  path = tmp_path / "out" / "dataset.json"
+  edited = json.loads(path.read_text())
+  del edited["modalities"]["ct"]["source_axis_flips"]
+  path.write_text(json.dumps(edited))
+  problems = prepare.check_dataset(tmp_path / "out")
+  assert len(problems) == 1 and "btcv_00.json" in problems[0], problems
+  assert "modalities.ct.source_axis_flips" in problems[0]
 
 
 def _break_abdomen(source: pathlib.Path) -> dict[str, str]:
@@ -253,7 +277,7 @@ def test_import_folder_maps_labels_and_keeps_subjects_apart(tmp_path):
   ct = dataset.load_volume(manifest, "ct", "a")
   src, _ = _read(raw / "ct" / "labelsTr" / "a.nii.gz")
   np.testing.assert_array_equal(
-      ct.label, _shared_by_hand(_canonical_by_hand(src, CT_FLIPS), {0: 0, 6: 1, 1: 2, 7: 0}))
+      ct.label, _shared_by_hand(_canonical_by_hand(src, LPS_FLIPS), {0: 0, 6: 1, 1: 2, 7: 0}))
   assert prepare.check_dataset(tmp_path / "out") == []
 
 

@@ -7,6 +7,10 @@ values map onto the shared label set and how its intensities are to be normalise
   <root>/<modality>/imagesTr/<case>.nii.gz    3D image, any numeric dtype
   <root>/<modality>/labelsTr/<case>.nii.gz    3D integer labels, RAW values of that modality
 
+A modality's optional `source_axis_flips` (e.g. [1]) records the voxel axes of its SOURCE files
+whose affine direction the importer reversed (see `ModalitySpec`); the files in the dataset need
+no correction.
+
 Loading only reads: nothing is ever written into a dataset folder by this module's readers.
 Every error is a `DatasetError` whose message names the offending file or manifest key.
 
@@ -39,7 +43,7 @@ FILE_ENDINGS = (".nii.gz", ".nii")
 _TOP_KEYS_REQUIRED = ("name", "labels", "paired", "modalities")
 _TOP_KEYS_OPTIONAL = ("description", "file_ending", "phantom")
 _MODALITY_KEYS_REQUIRED = ("label_map", "normalization")
-_MODALITY_KEYS_OPTIONAL = ("subjects", "unmapped")
+_MODALITY_KEYS_OPTIONAL = ("subjects", "unmapped", "source_axis_flips")
 # Extra keys each normalisation scheme takes besides "scheme".
 _SCHEME_KEYS = {"zscore": (), "minmax": (), "clip_zscore": ("window",), "none": ()}
 _RAW_LABEL_KEY = re.compile(r"-?[0-9]+")
@@ -63,12 +67,17 @@ class ModalitySpec:
     normalization: {"scheme": ...} plus the scheme's settings ("window" for clip_zscore).
     subjects: case id -> subject id; cases not listed are their own subject.
     unmapped: what a raw label value outside `label_map` means: 'error' or 'background'.
+    source_axis_flips: voxel axes (sorted, in 0..2) of this modality's SOURCE files whose affine
+      direction `prepare` reversed (`geometry.reverse_axis_directions`) because it contradicted
+      the anatomy; `predict` does the same to new files of the modality. The files in this
+      dataset already have correct affines.
   """
   name: str
   label_map: dict[int, int]
   normalization: dict
   subjects: dict[str, str]
   unmapped: str
+  source_axis_flips: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +125,9 @@ class Manifest:
                 "normalization": json.loads(json.dumps(spec.normalization)),
                 "subjects": dict(spec.subjects),
                 "unmapped": spec.unmapped,
+                # Written only when there are some: older manifests read back byte for byte.
+                **({"source_axis_flips": list(spec.source_axis_flips)}
+                   if spec.source_axis_flips else {}),
             } for name, spec in self.modalities.items()
         },
     }
@@ -249,8 +261,14 @@ def _parse_modality(where: str, name: str, obj, num_classes: int) -> ModalitySpe
   if unmapped not in UNMAPPED_POLICIES:
     raise DatasetError(f"{where}: manifest key '{key}.unmapped' is {unmapped!r}, expected one of "
                        f"{', '.join(UNMAPPED_POLICIES)}")
+  flips = obj.get("source_axis_flips", [])
+  if (not isinstance(flips, (list, tuple)) or not all(_is_int(a) and 0 <= a <= 2 for a in flips)
+      or len(set(flips)) != len(flips)):
+    raise DatasetError(f"{where}: manifest key '{key}.source_axis_flips' must be a list of "
+                       f"distinct voxel axes in 0..2 (e.g. [1]), got {flips!r}")
   return ModalitySpec(name=name, label_map=label_map, normalization=normalization,
-                      subjects=dict(subjects), unmapped=unmapped)
+                      subjects=dict(subjects), unmapped=unmapped,
+                      source_axis_flips=tuple(sorted(int(a) for a in flips)))
 
 
 def _parse_manifest(root: pathlib.Path, where: str, obj) -> Manifest:

@@ -16,6 +16,10 @@ Going back (`to_source_grid`) resamples a label map from the model grid onto the
 by nearest neighbour, then undoes the reorientation: the result has the source's exact shape and
 is written with the source's affine.
 
+A source whose affine contradicts the anatomy along a voxel axis (the BTCV CT files put the back
+of the body in front) is corrected before step 1 by `reverse_axis_directions`: only the affine
+changes, never the voxels, so the way back still lands on the source file's own voxel grid.
+
   python -c "import numpy as np; from unpaired_seg.data import geometry as g; \
 lab = np.zeros((40, 30, 5), np.uint8); lab[10:30, 5:25] = 1; \
 aff = np.diag([-1.25, -1.25, 7.7, 1]); \
@@ -51,7 +55,9 @@ class GeometryRecord:
 
   Attributes:
     source_shape: [X, Y, Z] shape of the array as stored in the source file.
-    source_affine: 4x4 affine of the source file.
+    source_affine: 4x4 affine of the source grid: the source file's, after
+      `reverse_axis_directions` where its importer corrected it (`prepare` keeps the reversed
+      axes in the case's geometry JSON; reversing them again gives the file's affine back).
     orientation: nibabel orientation transform source -> canonical RAS, one (axis, flip) row per
       source axis: source axis i becomes canonical axis `orientation[i][0]`, reversed when
       `orientation[i][1] == -1`.
@@ -163,6 +169,58 @@ def spacing_of(affine) -> tuple[float, float, float]:
 # ---------------------------------------------------------------------------------------------
 # Orientation.
 # ---------------------------------------------------------------------------------------------
+
+
+def check_axes(axes, name: str = "axes") -> tuple[int, ...]:
+  """Validates voxel axes: distinct integers in 0..2; returns them sorted.
+
+  Args:
+    axes: an iterable of voxel axes (e.g. [1]); empty for none.
+    name: the argument or key named in the error.
+
+  Raises:
+    GeometryError: naming `name` when an entry is not an integer in 0..2 or repeats.
+  """
+  try:
+    values = list(axes)
+  except TypeError:
+    values = None
+  if (values is None or isinstance(axes, (str, bytes))
+      or not all(isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+                 and 0 <= a <= 2 for a in values)
+      or len(set(int(a) for a in values)) != len(values)):
+    raise GeometryError(f"argument '{name}' must be a list of distinct voxel axes in 0..2, got "
+                        f"{axes!r}")
+  return tuple(sorted(int(a) for a in values))
+
+
+def reverse_axis_directions(affine, shape: Sequence[int], axes: Sequence[int]) -> np.ndarray:
+  """Corrects an affine whose direction along some voxel axes is reversed; voxels untouched.
+
+  For each voxel axis a in `axes` the affine's column a is negated and the origin moves to where
+  the last voxel along a was (new origin = old origin + old column a * (n_a - 1)): voxel i then
+  lies where voxel n_a - 1 - i lay. The same volume read with the new affine is its mirror image
+  along that axis in world space, on the same set of voxel centres. Applying it twice with the
+  same axes gives the original affine back.
+
+  Args:
+    affine: [4, 4] voxel -> world (mm).
+    shape: the volume's shape [X, Y, Z, ...] (only the first three entries are used).
+    axes: voxel axes (distinct, 0..2) whose direction is reversed; empty returns a copy.
+
+  Returns:
+    float64 [4, 4] corrected affine.
+  """
+  affine = _check_affine(affine, "affine")
+  shape = tuple(shape)
+  if len(shape) < 3 or not all(isinstance(n, (int, np.integer)) and n >= 1 for n in shape[:3]):
+    raise GeometryError(f"argument 'shape' must start with three positive integers [X, Y, Z], "
+                        f"got {shape!r}")
+  out = affine.copy()
+  for axis in check_axes(axes):
+    out[:3, 3] = out[:3, 3] + affine[:3, axis] * (int(shape[axis]) - 1)
+    out[:3, axis] = -affine[:3, axis]
+  return out
 
 
 def to_canonical(array, affine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

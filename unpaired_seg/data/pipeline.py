@@ -353,8 +353,14 @@ def target_spacing_of(cases: Sequence[PreparedCase]) -> tuple[float, float] | No
 def model_info(*, method: str, class_names: Sequence[str], modalities: Sequence[str],
                image_size: Sequence[int], context_slices: int, crop: str,
                target_spacing: Sequence[float] | None, normalization: Mapping[str, Mapping],
-               dataset: str) -> dict:
-  """What `predict` needs to turn a raw volume into the model's input, without the dataset."""
+               dataset: str,
+               source_axis_flips: Mapping[str, Sequence[int]] | None = None) -> dict:
+  """What `predict` needs to turn a raw volume into the model's input, without the dataset.
+
+  `source_axis_flips`: per modality, the voxel axes whose affine direction `prepare` reversed in
+  the source files (the manifest's `source_axis_flips`); a modality not given has none.
+  """
+  flips = {} if source_axis_flips is None else source_axis_flips
   return {
       "method": method,
       "dataset": dataset,
@@ -366,6 +372,7 @@ def model_info(*, method: str, class_names: Sequence[str], modalities: Sequence[
       "orientation": "RAS (slices along the last axis)",
       "target_spacing": None if target_spacing is None else [float(s) for s in target_spacing],
       "normalization": {m: dict(normalization[m]) for m in modalities},
+      "source_axis_flips": {m: sorted(int(a) for a in flips.get(m, ())) for m in modalities},
   }
 
 

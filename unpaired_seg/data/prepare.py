@@ -4,10 +4,17 @@ Every case is reoriented to canonical RAS (slices along the last axis) and resam
 `--spacing` (the slice axis is kept; images linearly, labels by nearest neighbour, see
 `geometry`). Label files keep their RAW values; the manifest's label_map maps them onto the
 shared labels at load time. Beside each case, `<out>/geometry/<modality>/<case>.json` holds its
-`GeometryRecord` and source files, so that predictions go back onto the source grid
-(`geometry.to_source_grid`, then write with the record's `source_affine`).
+`GeometryRecord`, source files and `source_axis_flips`, so that predictions go back onto the
+source grid (`geometry.to_source_grid`, then write with the source file's header; the record's
+`source_affine` is that file's affine after any direction correction).
 
-The abdominal CT/MR set (CHAOS T2-SPIR MR + BTCV CT, see the data folder's README):
+The abdominal CT/MR set (CHAOS T2-SPIR MR + BTCV CT, see the data folder's README). The BTCV CT
+affines reverse the front-to-back direction: in every case they put the stomach, pancreas and
+gallbladder behind the kidneys (and in most the kidneys in front of the body's centre), while
+left-right and head-feet agree with the anatomy. Their voxel axis 1 is therefore read with its direction
+reversed (`geometry.reverse_axis_directions`; the voxels are not touched, so the way back still
+lands on the source file's grid); the manifest's `source_axis_flips` of `ct` and each case's
+geometry JSON say so, and `predict` applies the same correction to new CT files of a run.
 
   python -m unpaired_seg.data.prepare --source=abdomen_ctmr \
       --input=/work/shared/data/abdomen_ctmr --output=/tmp/abdomen_ctmr_1.5 --spacing=1.5,1.5
@@ -69,8 +76,10 @@ ABDOMEN_LABELS = ("background", "liver", "right_kidney", "left_kidney", "spleen"
 ABDOMEN_MR_LABEL_MAP = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4}
 ABDOMEN_CT_LABEL_MAP = {0: 0, 6: 1, 2: 2, 3: 3, 1: 4}
 # Case ids carry the source data set: CHAOS and BTCV subject numbers overlap but are other people.
-_ABDOMEN_SOURCES = (("mr", "chaos", ABDOMEN_MR_LABEL_MAP, "error"),
-                    ("ct", "btcv", ABDOMEN_CT_LABEL_MAP, "background"))
+# The last entry: voxel axes whose affine direction contradicts the anatomy (module docstring);
+# for BTCV CT axis 1, the anterior-posterior one.
+_ABDOMEN_SOURCES = (("mr", "chaos", ABDOMEN_MR_LABEL_MAP, "error", ()),
+                    ("ct", "btcv", ABDOMEN_CT_LABEL_MAP, "background", (1,)))
 _ABDOMEN_FILE = re.compile(r"(image|label)_([0-9]+)\.nii(\.gz)?")
 
 GEOMETRY_DIR = "geometry"
@@ -92,11 +101,16 @@ class PrepareError(ds.DatasetError):
 
 @dataclasses.dataclass(frozen=True)
 class SourceCase:
-  """One case to import: where its files are and the case id it gets in the output."""
+  """One case to import: where its files are and the case id it gets in the output.
+
+  `axis_flips`: voxel axes whose affine direction is reversed before reorientation
+  (`geometry.reverse_axis_directions`), the modality's manifest `source_axis_flips`.
+  """
   modality: str
   case: str
   image: pathlib.Path
   label: pathlib.Path
+  axis_flips: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,9 +237,10 @@ def _strip_ending(name: str) -> str:
 def _abdomen_plan(input_dir, limit: int | None, spacing) -> _Plan:
   root = pathlib.Path(input_dir)
   problems, cases, modalities = [], [], {}
-  for modality, prefix, label_map, unmapped in _ABDOMEN_SOURCES:
+  for modality, prefix, label_map, unmapped, flips in _ABDOMEN_SOURCES:
     modalities[modality] = {"label_map": {str(k): v for k, v in label_map.items()},
-                            "normalization": {"scheme": "zscore"}, "unmapped": unmapped}
+                            "normalization": {"scheme": "zscore"}, "unmapped": unmapped,
+                            "source_axis_flips": list(flips)}
     folder = root / modality
     if not folder.is_dir():
       problems.append(f"{folder}: folder of modality {modality!r} not found")
@@ -245,7 +260,7 @@ def _abdomen_plan(input_dir, limit: int | None, spacing) -> _Plan:
         problems.append(f"{images[subject]}: image without a label (label_{subject}.nii.gz)")
         continue
       cases.append(SourceCase(modality, f"{prefix}_{subject:02d}", images[subject],
-                              labels[subject]))
+                              labels[subject], tuple(flips)))
   spacing_note = _spacing_note(spacing)
   manifest = {
       "name": "abdomen_ctmr",
@@ -254,7 +269,10 @@ def _abdomen_plan(input_dir, limit: int | None, spacing) -> _Plan:
           "and BTCV contrast CT (btcv_*). Reoriented to RAS, slices along the last axis, in-plane "
           f"{spacing_note}. MR: raw scanner intensities. CT: uint8 images already windowed to soft "
           "tissue (not Hounsfield units), so both modalities are z-scored per volume. CT labels "
-          "keep BTCV's 13 organ values; those not shared with MR map to background."),
+          "keep BTCV's 13 organ values; those not shared with MR map to background. The BTCV "
+          "affines contradict the anatomy front-to-back (stomach and pancreas behind the "
+          "kidneys), so CT voxel axis 1 was read with its affine direction reversed "
+          "(source_axis_flips [1]); the voxels are as stored in the source files."),
       "labels": list(ABDOMEN_LABELS),
       "paired": False,
       "file_ending": OUTPUT_ENDING,
@@ -467,6 +485,8 @@ def load_geometry(root, modality: str, case: str) -> tuple[geometry.GeometryReco
 
 def _write_case(tmp_root: pathlib.Path, source: SourceCase, image, label, affine,
                 spacing) -> None:
+  # The record's source_affine is the corrected one: it and the model grid agree in world space.
+  affine = geometry.reverse_axis_directions(affine, image.shape, source.axis_flips)
   model_image, model_label, model_affine, record = geometry.to_model_grid(image, label, affine,
                                                                           spacing)
   folder = tmp_root / source.modality
@@ -480,6 +500,7 @@ def _write_case(tmp_root: pathlib.Path, source: SourceCase, image, label, affine
       "source_image": str(source.image.resolve()),
       "source_label": str(source.label.resolve()),
       "target_spacing": None if spacing is None else list(spacing),
+      "source_axis_flips": list(source.axis_flips),
       "geometry": record.to_dict(),
   }
   path = geometry_path(tmp_root, source.modality, source.case)
@@ -649,7 +670,7 @@ def check_dataset(root) -> list[str]:
   Checks the manifest, every case's image and label (readable, same shape and affine, no NaN/inf,
   label values in the modality's label_map, slices along the last canonical axis) and, for a
   case written by this module, that it matches its geometry record (shape, affine, RAS
-  orientation, target in-plane spacing).
+  orientation, target in-plane spacing, and the manifest's `source_axis_flips`).
   """
   root = pathlib.Path(root)
   try:
@@ -695,6 +716,14 @@ def check_dataset(root) -> list[str]:
       if nib.aff2axcodes(affine) != ("R", "A", "S"):
         problems.append(f"{image_path}: orientation {''.join(nib.aff2axcodes(affine))}, "
                         "expected RAS")
+      try:
+        flips = geometry.check_axes(info.get("source_axis_flips", []), "source_axis_flips")
+      except geometry.GeometryError as e:
+        flips = f"unreadable ({e})"
+      if flips != spec.source_axis_flips:
+        problems.append(f"{record_path}: source_axis_flips {flips} differ from manifest key "
+                        f"'modalities.{modality}.source_axis_flips' "
+                        f"{list(spec.source_axis_flips)} of {root / ds.MANIFEST_NAME}")
       target = info.get("target_spacing")
       spacing = geometry.spacing_of(affine)[:2]
       if target is not None and not np.allclose(spacing, target, rtol=_SPACING_RTOL):
