@@ -61,6 +61,22 @@ def test_generator_step_lowers_its_loss_with_finite_gradients_in_one_trace(setup
     assert any(not np.allclose(a, b) for a, b in zip(before, after)), part
 
 
+def test_the_spatial_transformer_takes_its_own_learning_rate(setup):
+  from unpaired_seg.methods import mmsdnet as mmsdnet_lib
+  params = setup.state.params["generator"]
+  assert "transformer" in params["params"] and len(params) > 1      # norm collections too
+  grads = jax.tree.map(jnp.ones_like, params)
+  for rate, stn_rate in ((1e-2, 1e-4), (1e-2, 0.0)):
+    tx = mmsdnet_lib.generator_optimizer(rate, stn_rate)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # Adam's first step is the rate itself for a constant gradient.
+    for collection, tree in updates.items():
+      for module, sub in (tree.items() if collection == "params" else [(collection, tree)]):
+        expected = stn_rate if (module == "transformer" and stn_rate) else rate
+        for leaf in jax.tree.leaves(sub):
+          np.testing.assert_allclose(np.asarray(leaf), -expected, rtol=1e-4, err_msg=module)
+
+
 def test_swa_is_the_running_mean_of_the_raw_weights_after_the_start(setup):
   state, raw_params, raw_stats = setup.state, [], []
   for _ in range(5):
