@@ -153,7 +153,7 @@ class Reference:
 
   Attributes:
     label: uint8 shared labels on the reference grid.
-    affine: [4, 4] of that grid.
+    affine: [4, 4] of that grid (on the source grid, the source file's own affine).
     spacing: its voxel size in mm.
     slice_axis: its array axis that runs along the canonical superior-inferior (slice) axis.
     image: the image file on that grid, when known.
@@ -191,7 +191,7 @@ def to_reference(case: pipeline.PreparedCase, prediction: np.ndarray,
   stored = geometry.to_source_grid(prediction, case.record)
   if grid == "source" and case.source is not None:
     record = case.source.record
-    affine = np.asarray(record.source_affine)
+    affine = case.source.file_affine     # saved predictions overlay the source image file
     return geometry.to_source_grid(stored, record), Reference(
         case.source_label, affine, geometry.spacing_of(affine), _slice_axis(record),
         case.source.image, "source")

@@ -238,6 +238,14 @@ class SourceGeometry:
   target_spacing: tuple[float, float] | None
   label_spec: ds.ModalitySpec
 
+  @property
+  def file_affine(self) -> np.ndarray:
+    """The source file's own affine: the record's with `prepare`'s direction corrections undone
+    (the modality's `source_axis_flips`), so that arrays on the source grid written with it
+    overlay the source image file."""
+    return geometry.reverse_axis_directions(self.record.source_affine, self.record.source_shape,
+                                            self.label_spec.source_axis_flips)
+
 
 @dataclasses.dataclass(eq=False)
 class PreparedCase:
