@@ -255,6 +255,9 @@ def make_train_step(method, config: ml_collections.ConfigDict):
   """The jitted update: on-device augmentation, then the method's own step. State is donated."""
   aug = config.data.augment
   seed = config.seed
+  # A method whose batches carry partner slices ('partner_image' [B, k, H, W, C]) may ask for them
+  # to move with their own slice's transform, so that augmentation keeps each pair's alignment.
+  with_partners = bool(getattr(method, "augment_partners", False))
 
   def step_fn(state, batch):
     key = jax.random.fold_in(rng.prng_key(seed), state.step)
@@ -262,10 +265,14 @@ def make_train_step(method, config: ml_collections.ConfigDict):
     if aug.enabled:
       batch = dict(batch)
       for i, m in enumerate(sorted(batch)):
-        image, label = augment_lib.augment_batch(
-            jax.random.fold_in(aug_rng, i), batch[m]["image"], batch[m]["label"],
-            rotate_deg=aug.rotate_deg, scale=tuple(aug.scale), flip=aug.flip)
+        settings = dict(rotate_deg=aug.rotate_deg, scale=tuple(aug.scale), flip=aug.flip)
+        key_m = jax.random.fold_in(aug_rng, i)
+        image, label = augment_lib.augment_batch(key_m, batch[m]["image"], batch[m]["label"],
+                                                 **settings)
         batch[m] = {**batch[m], "image": image, "label": label}
+        if with_partners and "partner_image" in batch[m]:
+          batch[m]["partner_image"] = augment_lib.augment_partners(
+              key_m, batch[m]["partner_image"], **settings)
     return method.train_step(state, batch, method_rng)
 
   return jax.jit(step_fn, donate_argnums=(0,))

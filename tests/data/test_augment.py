@@ -77,3 +77,21 @@ def test_flip_mirrors_columns():
       else:
         seen.add("other")
   assert seen == {"same", "mirrored"}
+
+
+def test_partners_move_with_their_own_slices_transform():
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.normal(size=(3, 16, 16, 1)), jnp.float32)
+  label = jnp.asarray(rng.integers(0, 3, (3, 16, 16)), jnp.int32)
+  # Candidate 0 of each slice is the slice itself, candidate 1 another image.
+  other = jnp.asarray(rng.normal(size=(3, 16, 16, 1)), jnp.float32)
+  partners = jnp.stack([image, other], axis=1)                       # [B, k=2, H, W, C]
+  settings = dict(rotate_deg=30.0, scale=(0.8, 1.2), flip=True)
+  key = jax.random.key(5)
+  moved, _ = augment.augment_batch(key, image, label, **settings)
+  moved_partners = augment.augment_partners(key, partners, **settings)
+  assert moved_partners.shape == partners.shape
+  np.testing.assert_allclose(moved_partners[:, 0], moved, atol=1e-6)
+  other_moved, _ = augment.augment_batch(key, other, label, **settings)
+  np.testing.assert_allclose(moved_partners[:, 1], other_moved, atol=1e-6)
+  assert not np.allclose(moved, image, atol=1e-3)                     # something did move

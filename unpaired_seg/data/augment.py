@@ -63,10 +63,31 @@ def augment_batch(rng: jax.Array, image: jax.Array, label: jax.Array, *, rotate_
     The augmented (image, label), same shapes and dtypes.
   """
   b, h, w, _ = image.shape
-  keys = jax.random.split(rng, b)
-  coords = jax.vmap(lambda k: random_affine_coords(k, h, w, rotate_deg=rotate_deg, scale=scale,
-                                                   flip=flip))(keys)          # [B, H, W, 2]
-  per_channel = jax.vmap(_sample, in_axes=(-1, None, None), out_axes=-1)
-  image_out = jax.vmap(per_channel, in_axes=(0, 0, None))(image, coords, 1)
+  coords = _batch_coords(rng, b, h, w, rotate_deg=rotate_deg, scale=scale, flip=flip)
+  image_out = jax.vmap(_per_channel, in_axes=(0, 0, None))(image, coords, 1)
   label_out = jax.vmap(_sample, in_axes=(0, 0, None))(label.astype(jnp.float32), coords, 0)
   return image_out.astype(image.dtype), jnp.round(label_out).astype(label.dtype)
+
+
+def augment_partners(rng: jax.Array, partners: jax.Array, *, rotate_deg: float,
+                     scale: tuple[float, float], flip: bool) -> jax.Array:
+  """Candidates [B, k, H, W, C] moved with the transform `augment_batch(rng, ...)` gives sample b.
+
+  With the same `rng` and settings as the `augment_batch` call of their own slices, every partner
+  candidate of slice b gets slice b's rotation, zoom and mirror: a pair's correspondence survives
+  the augmentation (MMSDNet's `mmsdnet.augment_partners`).
+  """
+  b, _, h, w, _ = partners.shape
+  coords = _batch_coords(rng, b, h, w, rotate_deg=rotate_deg, scale=scale, flip=flip)
+  out = jax.vmap(lambda cands, c: jax.vmap(lambda x: _per_channel(x, c, 1))(cands))(
+      partners, coords)
+  return out.astype(partners.dtype)
+
+
+def _batch_coords(rng, b, h, w, *, rotate_deg, scale, flip) -> jax.Array:
+  keys = jax.random.split(rng, b)
+  return jax.vmap(lambda k: random_affine_coords(k, h, w, rotate_deg=rotate_deg, scale=scale,
+                                                 flip=flip))(keys)             # [B, H, W, 2]
+
+
+_per_channel = jax.vmap(_sample, in_axes=(-1, None, None), out_axes=-1)

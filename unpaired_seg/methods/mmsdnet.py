@@ -55,6 +55,8 @@ cs.register_section("mmsdnet", {
     "num_candidates": cs.positive_int(),      # k of 'auto' and 'cross_subject'
     "pair_window": cs.non_negative_int(),     # +- slices of 'auto' and 'random'
     "stn": cs.BOOL,
+    # Partner candidates get their own slice's augmentation (pairs stay aligned) or none.
+    "augment_partners": cs.BOOL,
     "train_on_fused": cs.BOOL,                # conference model: losses on the fused anatomy too
     "anatomy_features": cs.positive_int(),
     "anatomy_depth": cs.positive_int(),
@@ -93,7 +95,8 @@ def default_section(variant: str = "dafnet") -> ml_collections.ConfigDict:
   journal = variant == "dafnet"
   return ml_collections.ConfigDict(dict(
       variant=variant, decoder="film", pairing="expert", num_candidates=3, pair_window=2,
-      stn=True, train_on_fused=not journal, anatomy_features=64, anatomy_depth=4, num_anatomy=8,
+      stn=True, augment_partners=False, train_on_fused=not journal, anatomy_features=64,
+      anatomy_depth=4, num_anatomy=8,
       binarize="onehot_argmax", bn_momentum=0.99, z_dim=8, modality_features=16, modality_hidden=32,
       decoder_features=8, spade_hidden=128, spade_upsamples=5, segmentor_features=64,
       stn_features=20, stn_hidden=100, pair_hidden=5,
@@ -267,6 +270,7 @@ class MMSDNet:
     self.image_disc = disc_lib.Discriminator(features=s.image_disc_features, spectral=s.spectral,
                                              padding=s.disc_padding)
     self.use_image_disc = bool(s.image_disc)
+    self.augment_partners = bool(s.augment_partners)   # read by the trainer's augmentation
     self.tx = {"generator": generator_optimizer(s.learning_rate.generator, s.learning_rate.stn),
                "mask_disc": optax.adam(s.learning_rate.mask_disc),
                "image_disc": optax.adam(s.learning_rate.image_disc)}
