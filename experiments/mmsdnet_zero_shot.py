@@ -54,9 +54,9 @@ def phantom_runs(steps: int) -> dict:
   for name, arg in (("mmsdnet_stn_on", "label_fraction=0,target=ct,stn=on"),
                     ("mmsdnet_stn_off", "label_fraction=0,target=ct,stn=off")):
     runs[name] = mmsdnet.get_config(arg)
-    # Ablation: partner slices augmented with their own slice's transform (pairs stay aligned).
-    runs[name + "_pair_aug"] = mmsdnet.get_config(arg)
-    runs[name + "_pair_aug"].mmsdnet.augment_partners = True
+    # Ablation: partner slices not augmented (each pair misaligned by its slice's rotation).
+    runs[name + "_partners_unaugmented"] = mmsdnet.get_config(arg)
+    runs[name + "_partners_unaugmented"].mmsdnet.augment_partners = False
   c = joint.get_config()
   c.data.phantom.mode = "paired"
   c.data.target_modality = "ct"

@@ -260,3 +260,19 @@ def test_an_unknown_section_key_is_named():
   config.mmsdnet.swa_begin = 3
   with pytest.raises(config_schema.ConfigError, match="mmsdnet.swa_begin"):
     config_schema.validate(config, methods.REGISTRY)
+
+
+def test_the_trainer_moves_partners_with_their_slice_only_when_asked(setup, monkeypatch):
+  config = setup.config.copy_and_resolve_references()
+  config.data.augment.update(enabled=True, rotate_deg=30.0)
+  batch = jax.tree.map(jnp.asarray, setup.batch)
+  losses = {}
+  for flag in (True, False):
+    monkeypatch.setattr(setup.method, "augment_partners", flag)
+    step = train.make_train_step(setup.method, config)
+    state = jax.tree.map(jnp.copy, setup.state)            # the step donates its state
+    _, metrics = step(state, batch)
+    losses[flag] = float(metrics["generator_loss"])
+    assert np.isfinite(losses[flag])
+  # Same keys, same own-slice transforms: only the partners' rotation differs.
+  assert losses[True] != losses[False]
