@@ -252,8 +252,9 @@ def predict_folder(model: Model, input_dir: os.PathLike, modality: str,
   """
   source, out = check_output(input_dir, output_dir)
   if source_axis_flips is None and modality in model.info["modalities"]:
+    source_axis_flips = run_source_axis_flips(model, modality)   # once, not per file
     logging.info("%s: reversing the affine direction of voxel axes %s (the run's)", modality,
-                 list(run_source_axis_flips(model, modality)))
+                 list(source_axis_flips))
   written = []
   for path in input_files(source):
     image, _ = ds._read_nifti(path)  # noqa: SLF001  (checks 3D and the affine, names the file)

@@ -32,6 +32,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from unpaired_seg.data import geometry
+
 MANIFEST_NAME = "dataset.json"
 IMAGES_DIR = "imagesTr"
 LABELS_DIR = "labelsTr"
@@ -262,13 +264,13 @@ def _parse_modality(where: str, name: str, obj, num_classes: int) -> ModalitySpe
     raise DatasetError(f"{where}: manifest key '{key}.unmapped' is {unmapped!r}, expected one of "
                        f"{', '.join(UNMAPPED_POLICIES)}")
   flips = obj.get("source_axis_flips", [])
-  if (not isinstance(flips, (list, tuple)) or not all(_is_int(a) and 0 <= a <= 2 for a in flips)
-      or len(set(flips)) != len(flips)):
+  try:
+    flips = geometry.check_axes(flips)
+  except geometry.GeometryError:
     raise DatasetError(f"{where}: manifest key '{key}.source_axis_flips' must be a list of "
-                       f"distinct voxel axes in 0..2 (e.g. [1]), got {flips!r}")
+                       f"distinct voxel axes in 0..2 (e.g. [1]), got {flips!r}") from None
   return ModalitySpec(name=name, label_map=label_map, normalization=normalization,
-                      subjects=dict(subjects), unmapped=unmapped,
-                      source_axis_flips=tuple(sorted(int(a) for a in flips)))
+                      subjects=dict(subjects), unmapped=unmapped, source_axis_flips=flips)
 
 
 def _parse_manifest(root: pathlib.Path, where: str, obj) -> Manifest:
