@@ -544,6 +544,39 @@ def test_csa_loss_gradients_reach_both_modalities_and_stay_finite_at_zero_norms(
     assert np.all(np.isfinite(grad)) and float(jnp.abs(grad).sum()) > 0
 
 
+@pytest.mark.parametrize("class_specific", [False, True])
+def test_csa_loss_stays_bounded_under_jitted_value_and_grad_with_dead_relu_channels(
+    class_specific):
+  # A network's layers: a quarter of the first layer's channels are dead ReLUs (exactly zero),
+  # the second layer feeds on the first. The plain affinity's eps-guarded cosine once returned
+  # 1e20..inf here under jit(value_and_grad) while jit alone gave 1e-21 (NaN training on the
+  # real data); the loss is the square of a mean of cosines / area, so it can never exceed 4.
+  rng = np.random.default_rng(3)
+  x = np.abs(rng.normal(size=(8, 6, 6, 16))).astype(np.float32)
+  w1 = rng.normal(size=(16, 128)).astype(np.float32)
+  w1[:, :32] = -np.abs(w1[:, :32])
+  w2 = rng.normal(size=(128, 64)).astype(np.float32)
+  labels = rng.integers(0, 5, size=(8, 64, 64))
+
+  def loss(w1, w2):
+    feat_la = jax.nn.relu(x @ w1)
+    feat_lb = jax.nn.relu((1.3 * x) @ w1)
+    return losses.csa_loss((feat_la, jax.nn.relu(feat_la @ w2)), labels,
+                           (feat_lb, jax.nn.relu(feat_lb @ w2)), labels, 5,
+                           class_specific=class_specific)
+
+  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(w1, w2)
+  w1_np, w2_np = np.asarray(w1, np.float64), np.asarray(w2, np.float64)
+  feat_a = np.maximum(x @ w1_np, 0)
+  feat_b = np.maximum(1.3 * x @ w1_np, 0)
+  expected = ref_csa((feat_a, np.maximum(feat_a @ w2_np, 0)), labels,
+                     (feat_b, np.maximum(feat_b @ w2_np, 0)), labels, 5, class_specific)
+  assert 0 <= float(value) <= 4
+  np.testing.assert_allclose(value, expected, rtol=1e-3, atol=1e-12)
+  for grad in grads:
+    assert np.all(np.isfinite(grad))
+
+
 # ------------------------------------------------------------------------------------------------
 # Weight decay, KL, L1, LS-GAN.
 # ------------------------------------------------------------------------------------------------

@@ -445,14 +445,19 @@ def affinity_matrices(feat_l: jax.Array, feat_k: jax.Array, labels: jax.Array, n
   feat_k = feat_k.reshape(feat_k.shape[0], -1, feat_k.shape[-1])  # [B, P, N]
   mask_l = mask_l.reshape(mask_l.shape[0], -1, mask_l.shape[-1])  # [B, P, C]
   mask_k = mask_k.reshape(mask_k.shape[0], -1, mask_k.shape[-1])
-  # The masks are binary, so |F^c|^2 = sum M^c F^2 and <F^c_l, F^c_k> = sum M^c_l M^c_k F_l F_k.
-  dot = jnp.einsum("bpc,bpm,bpn->bcmn", mask_l * mask_k, feat_l, feat_k, precision=_PRECISION)
+  # The masks are binary, so |F^c|^2 = sum M^c F^2. Each masked channel is divided by its norm
+  # BEFORE the product, so every factor is bounded by 1 and so is the cosine, however small a
+  # channel. (Dividing the dot of the raw features by the two norms afterwards returned 1e20..inf
+  # under jit(value_and_grad) on dead ReLU channels, the affinity config's NaN on real data;
+  # see the test with dead channels in tests/ops/test_losses.py.)
   sq_l = jnp.einsum("bpc,bpm->bcm", mask_l, feat_l * feat_l, precision=_PRECISION)
   sq_k = jnp.einsum("bpc,bpn->bcn", mask_k, feat_k * feat_k, precision=_PRECISION)
   # sqrt(max(s, eps^2)) == max(sqrt(s), eps) without sqrt's infinite slope at 0.
-  norm_l = jnp.sqrt(jnp.maximum(sq_l, eps * eps))
-  norm_k = jnp.sqrt(jnp.maximum(sq_k, eps * eps))
-  cosine = dot / (norm_l[..., :, None] * norm_k[..., None, :])  # [B, C, M, N]
+  inv_l = jax.lax.rsqrt(jnp.maximum(sq_l, eps * eps))  # [B, C, M]
+  inv_k = jax.lax.rsqrt(jnp.maximum(sq_k, eps * eps))  # [B, C, N]
+  unit_l = mask_l[..., :, None] * feat_l[..., None, :] * inv_l[:, None]  # [B, P, C, M]
+  unit_k = mask_k[..., :, None] * feat_k[..., None, :] * inv_k[:, None]  # [B, P, C, N]
+  cosine = jnp.einsum("bpcm,bpcn->bcmn", unit_l, unit_k, precision=_PRECISION)  # [B, C, M, N]
   area = jnp.maximum(jnp.sum(mask_l, axis=1), 1.0)  # [B, C]
   return jnp.mean(cosine / area[..., None, None], axis=0)
 
