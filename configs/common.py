@@ -50,7 +50,9 @@ def get_base_config(tiny: bool = False) -> ConfigDict:
   c.data.dataset = "phantom"          # 'phantom' (generated on first use) or 'folder' (data.root)
   c.data.root = ""                    # dataset folder; for the phantom '' means the cache folder
   c.data.modalities = ("mr", "ct")    # modalities to train on, in this order
-  c.data.phantom = ConfigDict(dict(mode="unpaired", num_subjects=20, shape=(64, 64, 24), seed=0))
+  # pair_misalignment: paired mode's in-plane deformation between modalities, x the default.
+  c.data.phantom = ConfigDict(dict(mode="unpaired", num_subjects=20, shape=(64, 64, 24), seed=0,
+                                   pair_misalignment=1.0))
   c.data.image_size = (64, 64)        # in-plane crop/pad size of the 2D slices
   c.data.context_slices = 0           # 0: 2D; 1: 2.5D (three adjacent slices as channels)
   c.data.foreground_fraction = 0.5    # share of sampled slices that contain a labelled structure

@@ -11,7 +11,9 @@ for a 2-core CPU (64 x 64 slices, narrow networks); the authors' widths are in
 
 Arguments: decoder=film|spade, label_fraction=<fraction of the target's training subjects that
 keep labels> (with target=<modality>, default ct; 1 = fully labelled), pairing=expert|auto|random|
-cross_subject (cross_subject switches the phantom to unpaired subjects), stn=on|off, tiny.
+cross_subject (cross_subject switches the phantom to unpaired subjects), stn=on|off,
+misalignment=<the paired phantom's in-plane deformation between MR and CT as a multiple of the
+default's ~2 voxels, 0..4>, tiny.
 """
 
 from configs import common
@@ -21,7 +23,7 @@ from unpaired_seg.methods import mmsdnet as mmsdnet_lib
 def build(arg, variant: str):
   """The config of `variant` ('mmsdnet' or 'dafnet') with the shared `:arg` settings."""
   args = common.parse_arg(arg, tiny=False, decoder="film", label_fraction=1.0, target="ct",
-                          pairing="expert", stn=True)
+                          pairing="expert", stn=True, misalignment=1.0)
   config = common.get_base_config(tiny=args.tiny)
   config.method = variant
   section = mmsdnet_lib.default_section(variant)
@@ -31,6 +33,11 @@ def build(arg, variant: str):
 
   data = config.data
   data.phantom.mode = "unpaired" if args.pairing == "cross_subject" else "paired"
+  if args.misalignment != 1:
+    if data.phantom.mode != "paired":
+      raise ValueError("configs/mmsdnet.py: argument 'misalignment' needs a paired phantom, not "
+                       f"pairing={args.pairing}")
+    data.phantom.pair_misalignment = float(args.misalignment)
   data.augment.rotate_deg = 20.0          # the authors' only augmentation
   data.augment.scale = (1.0, 1.0)
   if args.label_fraction < 1.0:

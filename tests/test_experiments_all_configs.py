@@ -1,10 +1,10 @@
 """experiments/all_configs_abdomen.py: every run name resolves to a valid, CPU-sized config."""
 
-import importlib.util
 import pathlib
 
 import pytest
 
+from tests import experiment_scripts
 from unpaired_seg import config_schema, methods
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "all_configs_abdomen.py"
@@ -13,10 +13,7 @@ CONFIG_DIR = SCRIPT.parents[1] / "configs"
 
 @pytest.fixture(scope="module")
 def script():
-  spec = importlib.util.spec_from_file_location("all_configs_abdomen", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return experiment_scripts.load("all_configs_abdomen")
 
 
 def test_run_table_names_every_shared_kernel_config(script):

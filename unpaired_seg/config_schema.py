@@ -87,6 +87,7 @@ SCHEMA: dict[str, Any] = {
             "num_subjects": Field((int,), lambda v: v >= 3, "an integer >= 3"),
             "shape": int_tuple(3),
             "seed": non_negative_int(),
+            "pair_misalignment": number(0.0, 4.0),
         },
         "image_size": int_tuple(2),
         "context_slices": non_negative_int(),

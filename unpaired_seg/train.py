@@ -114,10 +114,17 @@ def resolve_dataset(config: ml_collections.ConfigDict) -> ds.Manifest:
   if data.dataset == "phantom":
     p = data.phantom
     shape = tuple(int(s) for s in p.shape)
-    root = pathlib.Path(data.root) if data.root else default_cache_dir() / (
-        f"phantom_{p.mode}_n{p.num_subjects}_{'x'.join(map(str, shape))}_seed{p.seed}")
-    return phantom.ensure(root, mode=p.mode, num_subjects=p.num_subjects, shape=shape, seed=p.seed,
-                          modalities=tuple(data.modalities))
+    misalignment = float(p.get("pair_misalignment", 1.0))
+    name = f"phantom_{p.mode}_n{p.num_subjects}_{'x'.join(map(str, shape))}_seed{p.seed}"
+    if misalignment != 1:
+      name += f"_misalign{misalignment:g}"
+    root = pathlib.Path(data.root) if data.root else default_cache_dir() / name
+    try:
+      return phantom.ensure(root, mode=p.mode, num_subjects=p.num_subjects, shape=shape,
+                            seed=p.seed, modalities=tuple(data.modalities),
+                            pair_misalignment=misalignment)
+    except ValueError as e:
+      raise ValueError(f"config keys 'data.phantom.*' / 'data.modalities': {e}") from e
   return ds.load_manifest(pathlib.Path(data.root))
 
 

@@ -200,6 +200,42 @@ def test_paired_modalities_differ_by_a_small_deformation(volumes):
   assert paired > unpaired
 
 
+def _centroid_shifts(mr, ct):
+  """In-plane |MR - CT| organ centroid shifts (voxels) of every paired case and organ."""
+  return np.array([np.abs(np.array(ndimage.center_of_mass(a.label == k))[:2]
+                          - np.array(ndimage.center_of_mass(b.label == k))[:2])
+                   for a, b in zip(mr, ct) for k in ORGANS])
+
+
+def test_pair_misalignment_scales_only_the_in_plane_deformation(tmp_path, paired, volumes):
+  kwargs = dict(mode="paired", num_subjects=SUBJECTS, shape=SHAPE, seed=3)
+  default = phantom.generate(tmp_path / "one", pair_misalignment=1.0, **kwargs)
+  # 1 is the phantom as it always was: same settings block, byte-identical files.
+  assert default.phantom == paired.phantom and "pair_misalignment" not in default.phantom
+  for (path, a), (_, b) in zip(_all_arrays(paired), _all_arrays(default)):
+    assert a.tobytes() == b.tobytes(), path
+  shifts = {1.0: _centroid_shifts(volumes[("paired", "mr")], volumes[("paired", "ct")])}
+  overlap = {1.0: np.mean([_dice(a.label > 0, b.label > 0) for a, b in
+                           zip(volumes[("paired", "mr")], volumes[("paired", "ct")])])}
+  for scale in (0.0, 3.0):
+    manifest = phantom.generate(tmp_path / f"m{scale}", pair_misalignment=scale, **kwargs)
+    assert manifest.phantom["pair_misalignment"] == scale
+    mr, ct = dataset.load_modality(manifest, "mr"), dataset.load_modality(manifest, "ct")
+    # The reference modality and the anatomy do not change, only where the CT samples it.
+    for a, b in zip(volumes[("paired", "mr")], mr):
+      assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label)
+    shifts[scale] = _centroid_shifts(mr, ct)
+    overlap[scale] = np.mean([_dice(a.label > 0, b.label > 0) for a, b in zip(mr, ct)])
+  assert shifts[0.0].max() < 0.6  # no in-plane deformation left: centroids within rounding
+  assert shifts[0.0].mean() < shifts[1.0].mean() < shifts[3.0].mean()
+  assert 2.0 < shifts[3.0].mean() / shifts[1.0].mean() < 4.0
+  assert overlap[0.0] > overlap[1.0] > overlap[3.0]
+  with pytest.raises(dataset.DatasetError, match="'pair_misalignment': 3.0"):
+    phantom.ensure(tmp_path / "one", pair_misalignment=3.0, **kwargs)
+  with pytest.raises(ValueError, match="argument 'pair_misalignment' only applies"):
+    phantom.generate(tmp_path / "u", mode="unpaired", pair_misalignment=2.0)
+
+
 def test_deterministic_per_seed(tmp_path, unpaired):
   again = phantom.generate(tmp_path / "again", mode="unpaired", num_subjects=SUBJECTS,
                            shape=SHAPE, seed=3)
@@ -293,6 +329,9 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     (dict(modalities=("mr", "pet")), "modalities"),
     (dict(modalities=("mr", "mr")), "modalities"),
     (dict(modalities=()), "modalities"),
+    (dict(mode="paired", pair_misalignment=-1.0), "pair_misalignment"),
+    (dict(mode="paired", pair_misalignment=5.0), "pair_misalignment"),
+    (dict(mode="paired", pair_misalignment="2"), "pair_misalignment"),
 ])
 def test_bad_arguments(tmp_path, kwargs, argument):
   for function in (phantom.generate, phantom.ensure):

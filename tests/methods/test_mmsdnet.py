@@ -255,6 +255,22 @@ def test_configs_validate_and_follow_their_arguments(module, arg):
   assert (section.weights.kl, section.weights.sup, section.weights.z_rec) == (0.1, 10.0, 1.0)
 
 
+def test_misalignment_argument_reaches_the_phantom_and_its_cache_folder(tmp_path, monkeypatch):
+  monkeypatch.setenv("UNPAIRED_SEG_CACHE", str(tmp_path))
+  assert mmsdnet.get_config("tiny").data.phantom.pair_misalignment == 1.0
+  config = mmsdnet.get_config("tiny,misalignment=2.5")
+  config_schema.validate(config, methods.REGISTRY)
+  assert config.data.phantom.pair_misalignment == 2.5
+  manifest = train.resolve_dataset(config)
+  assert manifest.phantom["pair_misalignment"] == 2.5
+  assert manifest.root.name.endswith("_misalign2.5")
+  with pytest.raises(ValueError, match="misalignment"):
+    mmsdnet.get_config("tiny,misalignment=2,pairing=cross_subject")
+  config.data.phantom.pair_misalignment = 7.0
+  with pytest.raises(config_schema.ConfigError, match="data.phantom.pair_misalignment"):
+    config_schema.validate(config, methods.REGISTRY)
+
+
 def test_an_unknown_section_key_is_named():
   config = mmsdnet.get_config("tiny")
   config.mmsdnet.swa_begin = 3

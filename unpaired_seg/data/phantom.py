@@ -33,6 +33,9 @@ from scipy import ndimage
 from unpaired_seg.data import dataset
 
 GENERATOR_VERSION = 1
+# Paired mode: the in-plane deformation between a subject's modalities, as a multiple of the
+# default (about 2 voxels at the peak on 64 in-plane voxels); 4 gives about 8.
+MAX_PAIR_MISALIGNMENT = 4.0
 MODES = ("unpaired", "paired")
 SUPPORTED_MODALITIES = ("mr", "ct")
 LABELS = ("background", "liver", "right_kidney", "left_kidney", "spleen")
@@ -72,8 +75,12 @@ _MODALITY_SEED_ID = {"mr": 0, "ct": 1}
 _ANATOMY, _WARP, _APPEARANCE = 0, 1, 2
 
 
-def _settings(mode, num_subjects, shape, seed, modalities) -> dict:
-  """Validates the generator arguments; returns them as the manifest's "phantom" block."""
+def _settings(mode, num_subjects, shape, seed, modalities, pair_misalignment=1.0) -> dict:
+  """Validates the generator arguments; returns them as the manifest's "phantom" block.
+
+  `pair_misalignment` enters the block only when it is not 1, so datasets written before it
+  existed (all at 1) still match their settings.
+  """
   if mode not in MODES:
     raise ValueError(f"argument 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
   if not dataset._is_int(num_subjects) or num_subjects < 1:
@@ -96,8 +103,19 @@ def _settings(mode, num_subjects, shape, seed, modalities) -> dict:
       or not all(m in SUPPORTED_MODALITIES for m in modalities)):
     raise ValueError(f"argument 'modalities' must be distinct names from "
                      f"{SUPPORTED_MODALITIES}, got {modalities!r}")
-  return {"generator_version": GENERATOR_VERSION, "mode": mode, "num_subjects": int(num_subjects),
-          "shape": [int(s) for s in shape], "seed": int(seed), "modalities": list(modalities)}
+  if (isinstance(pair_misalignment, bool) or not isinstance(pair_misalignment, (int, float))
+      or not 0 <= pair_misalignment <= MAX_PAIR_MISALIGNMENT):
+    raise ValueError(f"argument 'pair_misalignment' must be a number in [0, "
+                     f"{MAX_PAIR_MISALIGNMENT}], got {pair_misalignment!r}")
+  if mode != "paired" and pair_misalignment != 1:
+    raise ValueError(f"argument 'pair_misalignment' only applies to mode 'paired' (mode "
+                     f"{mode!r} has no pairs), got {pair_misalignment!r}")
+  settings = {"generator_version": GENERATOR_VERSION, "mode": mode,
+              "num_subjects": int(num_subjects), "shape": [int(s) for s in shape],
+              "seed": int(seed), "modalities": list(modalities)}
+  if pair_misalignment != 1:
+    settings["pair_misalignment"] = float(pair_misalignment)
+  return settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,11 +296,14 @@ def _grid_points(shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return tuple(g.ravel() for g in np.meshgrid(*axes, indexing="ij"))
 
 
-def _warp_points(points, shape, rng: np.random.Generator):
+def _warp_points(points, shape, rng: np.random.Generator, misalignment: float = 1.0):
   """Paired mode: a smooth in-plane deformation of a few voxels plus a -1..+1 slice offset."""
   x, y, z = points
-  # About 2 voxels at 64 in-plane voxels at the peak, proportionally more on finer grids.
+  # About 2 voxels at 64 in-plane voxels at the peak (times `misalignment`), proportionally more
+  # on finer grids. The same random draws at every `misalignment`: only the amplitude changes.
   dx, dy = _wave_field(points, _waves(rng, 3, (1.0, 2.5), 0.025, dims=2))
+  if misalignment != 1:
+    dx, dy = dx * np.float32(misalignment), dy * np.float32(misalignment)
   offset = int(rng.integers(-1, 2))
   return x + dx, y + dy, z + np.float32(offset * 2.0 / shape[2])
 
@@ -354,7 +375,8 @@ def _subject_tissues(settings: dict, index: int, points) -> dict[str, np.ndarray
       anatomy = _sample_anatomy(anatomy_rng)
       for i, m in enumerate(modalities):
         warp_rng = np.random.default_rng([seed, _WARP, _MODALITY_SEED_ID[m], index])
-        at = points if i == 0 else _warp_points(points, shape, warp_rng)
+        at = points if i == 0 else _warp_points(points, shape, warp_rng,
+                                                 settings.get("pair_misalignment", 1.0))
         tissues[m] = _tissue_map(anatomy, at).reshape(shape)
       if all(_usable(t) for t in tissues.values()):
         return tissues
@@ -415,7 +437,8 @@ def _write(settings: dict, folder: pathlib.Path) -> None:
 
 
 def generate(root, *, mode: str = "unpaired", num_subjects: int = 20, shape=(64, 64, 24),
-             seed: int = 0, modalities=("mr", "ct")) -> dataset.Manifest:
+             seed: int = 0, modalities=("mr", "ct"),
+             pair_misalignment: float = 1.0) -> dataset.Manifest:
   """Writes a complete phantom dataset at `root` and returns its manifest.
 
   Everything is written into a temporary folder beside `root` that is renamed into place at the
@@ -430,6 +453,9 @@ def generate(root, *, mode: str = "unpaired", num_subjects: int = 20, shape=(64,
     shape: volume shape (X, Y, Z); z is the slice axis.
     seed: the data are a deterministic function of all arguments.
     modalities: a subset of ("mr", "ct"); in paired mode the first is the reference.
+    pair_misalignment: paired mode only: the in-plane deformation's amplitude as a multiple of
+      the default's (0 = exactly aligned in-plane, up to MAX_PAIR_MISALIGNMENT); the anatomy,
+      appearance and slice offsets stay the same.
 
   Returns:
     `dataset.load_manifest(root)`.
@@ -438,7 +464,7 @@ def generate(root, *, mode: str = "unpaired", num_subjects: int = 20, shape=(64,
     ValueError: naming a bad argument.
     dataset.DatasetError: `root` exists and is not empty.
   """
-  settings = _settings(mode, num_subjects, shape, seed, modalities)
+  settings = _settings(mode, num_subjects, shape, seed, modalities, pair_misalignment)
   root = pathlib.Path(root)
   if root.exists() and (not root.is_dir() or any(root.iterdir())):
     raise dataset.DatasetError(f"{root}: refusing to generate a phantom over an existing, "
@@ -460,7 +486,8 @@ def generate(root, *, mode: str = "unpaired", num_subjects: int = 20, shape=(64,
 
 
 def ensure(root, *, mode: str = "unpaired", num_subjects: int = 20, shape=(64, 64, 24),
-           seed: int = 0, modalities=("mr", "ct")) -> dataset.Manifest:
+           seed: int = 0, modalities=("mr", "ct"),
+           pair_misalignment: float = 1.0) -> dataset.Manifest:
   """Generates the phantom at `root` unless `root/dataset.json` exists; then only loads it.
 
   Args: as `generate`.
@@ -472,7 +499,7 @@ def ensure(root, *, mode: str = "unpaired", num_subjects: int = 20, shape=(64, 6
     dataset.DatasetError: the existing dataset is not a phantom, or was generated with other
       settings (both are named).
   """
-  settings = _settings(mode, num_subjects, shape, seed, modalities)
+  settings = _settings(mode, num_subjects, shape, seed, modalities, pair_misalignment)
   root = pathlib.Path(root)
   if not (root / dataset.MANIFEST_NAME).is_file():
     try:
