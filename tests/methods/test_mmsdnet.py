@@ -14,7 +14,9 @@ import pytest
 
 from configs import dafnet, mmsdnet
 from unpaired_seg import config_schema, methods, rng, train
+from unpaired_seg.methods import mmsdnet_eval
 from unpaired_seg.methods import mmsdnet_pairing as pairing_lib
+from unpaired_seg.ops import similarity
 
 SWA_START = 2
 
@@ -75,6 +77,42 @@ def test_the_spatial_transformer_takes_its_own_learning_rate(setup):
         expected = stn_rate if (module == "transformer" and stn_rate) else rate
         for leaf in jax.tree.leaves(sub):
           np.testing.assert_allclose(np.asarray(leaf), -expected, rtol=1e-4, err_msg=module)
+
+
+def test_the_alignment_term_trains_only_the_transformer_and_falls(setup):
+  config = setup.config.copy_and_resolve_references()
+  config.mmsdnet.weights.update(kl=0.0, sup=0.0, adv_mask=0.0, rec=0.0, adv_image=0.0, z_rec=0.0,
+                                align=1.0)
+  config.mmsdnet.learning_rate.stn = 1e-2
+  method = methods.create(config, num_classes=len(setup.data.class_names),
+                          modalities=setup.data.modalities)
+  state = method.init(rng.prng_key(0), setup.batch)
+  params, stats = state.params["generator"], state.stats["generator"]
+  grads, (_, metrics, _) = jax.grad(method.generator_loss, has_aux=True)(
+      params, stats, state.params, state.stats, setup.batch, rng.prng_key(1))
+  # Untrained, the warp is the identity: the term is 1 - soft Dice of each slice's anatomy and
+  # its partner's. One anatomy pass per modality over its slices and the partners it gives the
+  # other modality, as in training (batch norm normalises with the statistics of that pass).
+  own, partner = {}, {}
+  for m, other in (("mr", "ct"), ("ct", "mr")):
+    images = setup.batch[m]["image"]
+    stacked = jnp.concatenate([images, setup.batch[other]["partner_image"][:, 0]])
+    factors = method._gen(params, stats, "anatomy", stacked, m, train=True)[0]
+    own[m], partner[other] = factors[:len(images)], factors[len(images):]
+  dice = similarity.soft_dice_per_sample(jnp.concatenate([own["mr"], own["ct"]]),
+                                         jnp.concatenate([partner["mr"], partner["ct"]]))
+  np.testing.assert_allclose(float(metrics["align"]), 1.0 - float(jnp.mean(dice)), rtol=1e-5)
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  stn = [g for path, g in flat if "transformer" in jax.tree_util.keystr(path)]
+  rest = [g for path, g in flat if "transformer" not in jax.tree_util.keystr(path)]
+  assert rest and all(float(jnp.abs(g).max()) == 0.0 for g in rest)
+  assert any(float(jnp.abs(g).max()) > 0 for g in stn)
+  step = jax.jit(lambda st, b: method.train_step(st, b, rng.prng_key(1)))
+  values = []
+  for _ in range(8):
+    state, metrics = step(state, setup.batch)
+    values.append(float(metrics["align"]))
+  assert values[-1] < values[0], values
 
 
 def test_swa_is_the_running_mean_of_the_raw_weights_after_the_start(setup):
@@ -149,6 +187,54 @@ def test_single_and_multi_input_inference(setup):
   multi = method.predict_multi(state, x, "mr", partner)
   np.testing.assert_allclose(np.asarray(multi), np.asarray(expected), atol=1e-5)
   np.testing.assert_allclose(np.asarray(multi).sum(-1), 1.0, atol=1e-5)
+
+
+def _partner_label_counts(data, shift_rows: int):
+  """Numpy reference: per modality, (intersection, |partner == c|, |own == c|) of the expert
+  partner's label moved up by `shift_rows` (background enters at the bottom) against own."""
+  out = {}
+  for j, i in (("mr", "ct"), ("ct", "mr")):
+    partners = {c.subject: c for c in data.cases["test"][i]}
+    counts = np.zeros((len(data.class_names), 3), np.int64)
+    for case in data.cases["test"][j]:
+      partner = partners[case.subject]
+      for z in range(case.num_slices):
+        moved = np.zeros_like(partner.label[:, :, 0])
+        src = partner.label[:, :, min(z, partner.num_slices - 1)]
+        moved[:moved.shape[0] - shift_rows] = src[shift_rows:]
+        own = case.label[:, :, z]
+        for c in range(len(data.class_names)):
+          counts[c] += [np.count_nonzero((moved == c) & (own == c)), np.count_nonzero(moved == c),
+                        np.count_nonzero(own == c)]
+    out[j] = mmsdnet_eval.pooled_dice(counts, data.class_names)
+  return out
+
+
+def test_alignment_scores_the_transformers_warp_of_the_partner_labels(setup):
+  method, state, data = setup.method, setup.state, setup.data
+  # Untrained, the transformer is the identity: both rows are the unwarped partner labels'.
+  result = mmsdnet_eval.evaluate_alignment(method, state, data, setup.config)
+  reference = _partner_label_counts(data, 0)
+  for j in ("mr", "ct"):
+    assert result[j]["identity"] == result[j]["transformer"] == reference[j]
+    assert 0 < result[j]["identity"]["mean"] < 1
+    assert result[j]["mean_abs_control_point_offset_px"] == 0.0
+  # A transformer that moves every control point 2 pixels down the rows: output row r samples
+  # the partner at row r + 2, which a thin-plate spline reproduces exactly.
+  height = data.cases["test"]["mr"][0].image.shape[0]
+  shifted = jax.tree_util.tree_map_with_path(
+      lambda path, v: (jnp.tile(jnp.array([2.0 / (height - 1), 0.0]), v.shape[0] // 2)
+                       if "offsets" in jax.tree_util.keystr(path)
+                       and jax.tree_util.keystr(path).endswith("['bias']") else v),
+      state.swa_params)
+  moved = mmsdnet_eval.evaluate_alignment(method, state.replace(swa_params=shifted), data,
+                                          setup.config)
+  reference = _partner_label_counts(data, 2)
+  for j in ("mr", "ct"):
+    assert moved[j]["identity"] == result[j]["identity"]
+    for name, value in reference[j]["per_class"].items():
+      assert moved[j]["transformer"]["per_class"][name] == pytest.approx(value, abs=1e-9), name
+    assert moved[j]["mean_abs_control_point_offset_px"] == pytest.approx(1.0, abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -81,7 +81,10 @@ cs.register_section("mmsdnet", {
     "spectral": cs.choice(*disc_lib.SPECTRAL_MODES),
     # Per-class Dice + CE (paper) or the authors' code's pooled foreground Dice + CE.
     "supervised": cs.choice("paper", "code"),
-    "weights": {k: cs.number(0.0) for k in ("kl", "sup", "adv_mask", "rec", "adv_image", "z_rec")},
+    # 'align' (not the authors'; 0 = off): 1 - soft Dice of the own anatomy and the partner's
+    # warped onto it, with both anatomies held fixed, so it trains the transformer only.
+    "weights": {k: cs.number(0.0)
+                for k in ("kl", "sup", "adv_mask", "rec", "adv_image", "z_rec", "align")},
     # 'stn': the spatial transformer's own Adam rate inside the generator step (0 = 'generator').
     "learning_rate": {k: cs.number(0.0) for k in ("generator", "stn", "mask_disc", "image_disc")},
     "swa_start": cs.non_negative_int(),
@@ -103,7 +106,7 @@ def default_section(variant: str = "dafnet") -> ml_collections.ConfigDict:
       mask_disc_features=64 if journal else 4, image_disc=journal, image_disc_features=64,
       disc_padding="VALID", spectral="paper", supervised="paper",
       weights=dict(kl=0.1, sup=10.0, adv_mask=1.0, rec=1.0 if journal else 10.0,
-                   adv_image=1.0 if journal else 0.0, z_rec=1.0),
+                   adv_image=1.0 if journal else 0.0, z_rec=1.0, align=0.0),
       learning_rate=dict(generator=1e-4, stn=0.0, mask_disc=1e-4, image_disc=1e-4),
       swa_start=0, analysis=True, analysis_slices=64))
 
@@ -163,6 +166,9 @@ class Generator(nn.Module):
 
   def align(self, moving, fixed):
     return self.transformer(moving, fixed)[0]
+
+  def displacements(self, moving, fixed):
+    return self.transformer(moving, fixed)[1]
 
   def weigh(self, scores):
     return self.pair_weighting(scores)
@@ -365,6 +371,17 @@ class MMSDNet:
     s, _ = self._gen(state.swa_params, state.swa_stats, "anatomy", image, modality)
     return self._gen(state.swa_params, state.swa_stats, "segment", s, modality)[0]
 
+  def predict_displacements(self, state: MMSDNetState, image: jax.Array, modality: str,
+                            partner: jax.Array) -> jax.Array:
+    """[B, K, 2] control-point offsets that align `partner` [B, H, W, C] (the other modality's
+    slices) onto `image` [B, H, W, C], with the SWA weights; zeros with the transformer off."""
+    s_j, _ = self._gen(state.swa_params, state.swa_stats, "anatomy", image, modality)
+    s_p, _ = self._gen(state.swa_params, state.swa_stats, "anatomy", partner, self.other(modality))
+    if not self.settings.stn:
+      points = stn_lib.SpatialTransformer.grid_size ** 2
+      return jnp.zeros((image.shape[0], points, 2), jnp.float32)
+    return self._gen(state.swa_params, state.swa_stats, "displacements", s_p, s_j)[0]
+
   def predict_multi(self, state: MMSDNetState, image: jax.Array, modality: str,
                     partner: jax.Array) -> jax.Array:
     """Multi input (fused anatomy), class probabilities [B, H, W, K], with the SWA weights."""
@@ -508,6 +525,16 @@ class MMSDNet:
       metrics.update({f"kl_{m}": kl, f"sup_{m}": sup, f"adv_mask_{m}": adv_mask, f"rec_{m}": rec,
                       f"adv_image_{m}": adv_image, f"z_rec_{m}": z_rec,
                       f"pair_weight_max_{m}": jnp.mean(jnp.max(pair_w[m], axis=1))})
+    if w.align > 0 and s.stn:
+      # A registration term for the transformer alone: the anatomies are held fixed, so the
+      # encoders cannot make it easy (e.g. by both turning every channel on).
+      moved = self._align(gen_params, stats,
+                          jax.lax.stop_gradient(jnp.concatenate([cand[m] for m in mods])),
+                          jax.lax.stop_gradient(fixed.value))
+      align = 1.0 - jnp.mean(similarity.soft_dice_per_sample(
+          jax.lax.stop_gradient(fixed.value), moved))
+      total = total + w.align * align
+      metrics["align"] = align
     metrics["generator_loss"] = total
     return total, (stats, metrics, fakes)
 

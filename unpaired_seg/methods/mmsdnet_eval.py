@@ -10,6 +10,12 @@ predicted volume is scored exactly as the single-input one (`evaluate.to_referen
 `metrics.evaluate_volume`), and the block goes into summary.json as "multi_input", shaped as
 summary["modalities"].
 
+Alignment (paired data, expert/auto/random pairing): on every test slice, the partner slice's
+LABEL warped with the transformer's displacements (the ones the multi-input prediction uses, from
+the two anatomies) against the slice's own label, beside the unwarped partner label: Dice per
+class pooled over the slices. It shows whether the transformer aligns the pairs, apart from how
+well anything is segmented. With the transformer off the two are equal.
+
 Disentanglement: on up to `mmsdnet.analysis_slices` test slices per modality, dCor(s, z), a
 logistic-regression modality classifier on z, and a latent traversal figure; written to
 disentanglement.json and traversal.png in the workdir.
@@ -31,6 +37,7 @@ from unpaired_seg import metrics as metrics_lib
 from unpaired_seg.data import geometry
 from unpaired_seg.data import pipeline
 from unpaired_seg.methods import mmsdnet_pairing as pairing_lib
+from unpaired_seg.ops import tps
 
 
 def extra_evaluations(method, state, data, *, config, workdir, settings: Mapping) -> dict:
@@ -38,6 +45,11 @@ def extra_evaluations(method, state, data, *, config, workdir, settings: Mapping
   out = {"multi_input": evaluate_multi_input(method, state, data, config, settings)}
   for m, block in out["multi_input"].items():
     logging.info("multi-input test mean foreground Dice %s: %.4f", m, block["mean"].get("dice"))
+  if data.manifest.paired and method.settings.pairing != "cross_subject":
+    out["alignment"] = evaluate_alignment(method, state, data, config)
+    for m, block in out["alignment"].items():
+      logging.info("alignment %s <- partner labels: Dice %.4f unwarped, %.4f warped by the "
+                   "transformer", m, block["identity"]["mean"], block["transformer"]["mean"])
   if method.settings.analysis:
     out["disentanglement"] = disentanglement(method, state, data, pathlib.Path(workdir))
   return metrics_lib.to_jsonable(out)
@@ -111,6 +123,88 @@ def evaluate_multi_input(method, state, data, config, settings: Mapping) -> dict
                  "per_class": agg["per_class"], "std": agg["std"], "count": agg["count"],
                  "per_case": per_case, "partner_modality": i, "pairing": s.pairing,
                  "candidates": method.k}
+  return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Alignment of the partner labels.
+# ------------------------------------------------------------------------------------------------
+
+
+def pooled_dice(counts: np.ndarray, class_names) -> dict:
+  """{"per_class": {name: Dice}, "mean": mean over the foreground classes} from [C, 3] counts
+  (intersection, predicted size, reference size) pooled over slices; None for an empty class."""
+  per_class = {}
+  for c, name in enumerate(class_names):
+    if c == 0:
+      continue
+    inter, a, b = counts[c]
+    per_class[name] = None if a + b == 0 else float(2 * inter / (a + b))
+  values = [v for v in per_class.values() if v is not None]
+  return {"per_class": per_class, "mean": float(np.mean(values)) if values else None}
+
+
+def _dice_counts(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
+  """[C, 3] (intersection, |pred == c|, |ref == c|) of two integer label arrays."""
+  return np.array([[np.count_nonzero((pred == c) & (ref == c)), np.count_nonzero(pred == c),
+                    np.count_nonzero(ref == c)] for c in range(num_classes)], np.int64)
+
+
+def _label_warper(method, modality: str, num_classes: int):
+  """jit (state, image, partner, partner_label) -> (warped partner label, mean |offset| [2])."""
+
+  @jax.jit
+  def warped(state, image, partner, partner_label):
+    disp = method.predict_displacements(state, image, modality, partner)
+    one_hot = jax.nn.one_hot(partner_label, num_classes, dtype=jnp.float32)
+    moved = tps.thin_plate_spline(one_hot, disp)
+    return jnp.argmax(moved, axis=-1), jnp.mean(jnp.abs(disp), axis=(0, 1))  # (row, col)
+
+  return warped
+
+
+def evaluate_alignment(method, state, data, config) -> dict:
+  """Per modality j: the partner labels' Dice to j's labels, unwarped and warped by the STN."""
+  s = method.settings
+  num_classes = len(data.class_names)
+  batch_size = min(config.eval.batch_size, 16)
+  result = {}
+  for j in method.modalities:
+    i = method.other(j)
+    cases, partners = data.cases["test"][j], data.cases["test"][i]
+    if not cases or not partners or any(c.label is None for c in cases + partners):
+      continue
+    partner_index = {c.subject: n for n, c in enumerate(partners)}
+
+    warped = _label_warper(method, j, num_classes)
+    counts = {"identity": np.zeros((num_classes, 3), np.int64),
+              "transformer": np.zeros((num_classes, 3), np.int64)}
+    offsets, slices = [], 0
+    for pos, case in enumerate(cases):
+      rows = [pairing_lib.candidates(s.pairing, 1, s.pair_window, case, pos, z, partners,
+                                     partner_index, i, rng=None)[0]
+              for z in range(case.num_slices)]
+      for z0 in range(0, case.num_slices, batch_size):
+        zs = list(range(z0, min(z0 + batch_size, case.num_slices)))
+        pad = batch_size - len(zs)  # one batch shape: one compile
+        take = zs + [zs[-1]] * pad
+        image = np.stack([case.image[:, :, z, None] for z in take]).astype(np.float32)
+        partner = np.stack([partners[rows[z][0]].image[:, :, rows[z][1], None]
+                            for z in take]).astype(np.float32)
+        partner_label = np.stack([partners[rows[z][0]].label[:, :, rows[z][1]] for z in take])
+        moved, offset = warped(state, image, partner, partner_label.astype(np.int32))
+        moved = np.asarray(moved)[:len(zs)]
+        own = np.stack([case.label[:, :, z] for z in zs])
+        counts["identity"] += _dice_counts(partner_label[:len(zs)], own, num_classes)
+        counts["transformer"] += _dice_counts(moved, own, num_classes)
+        offsets.append(np.asarray(offset))
+        slices += len(zs)
+    height, width = cases[0].image.shape[:2]
+    result[j] = {name: pooled_dice(c, data.class_names) for name, c in counts.items()}
+    # The control points' mean |offset|, from normalised [0, 1] units to pixels of the view.
+    offset_px = np.mean(offsets, axis=0) * np.array([height - 1, width - 1])
+    result[j].update({"partner_modality": i, "slices": slices,
+                      "mean_abs_control_point_offset_px": float(np.mean(offset_px))})
   return result
 
 
