@@ -115,6 +115,30 @@ def test_the_alignment_term_trains_only_the_transformer_and_falls(setup):
   assert values[-1] < values[0], values
 
 
+def test_the_transformer_stays_the_identity_and_untrained_before_stn_start(setup):
+  config = setup.config.copy_and_resolve_references()
+  config.mmsdnet.stn_start = 3
+  config.mmsdnet.learning_rate.stn = 1e-2
+  method = methods.create(config, num_classes=len(setup.data.class_names),
+                          modalities=setup.data.modalities)
+  state = method.init(rng.prng_key(0), setup.batch)
+  step = jax.jit(lambda st, b: method.train_step(st, b, rng.prng_key(1)))
+
+  def transformer(st):
+    return _copy(st.params["generator"]["params"]["transformer"])
+
+  history = [transformer(state)]
+  for _ in range(5):
+    state, _ = step(state, setup.batch)
+    history.append(transformer(state))
+  # Steps 0, 1, 2 leave it as initialised; steps 3 and 4 move it.
+  for before, after in zip(history[:3], history[1:4]):
+    chex.assert_trees_all_equal(before, after)
+  for before, after in zip(history[3:5], history[4:6]):
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
 def test_swa_is_the_running_mean_of_the_raw_weights_after_the_start(setup):
   state, raw_params, raw_stats = setup.state, [], []
   for _ in range(5):

@@ -88,6 +88,8 @@ cs.register_section("mmsdnet", {
     # 'stn': the spatial transformer's own Adam rate inside the generator step (0 = 'generator').
     "learning_rate": {k: cs.number(0.0) for k in ("generator", "stn", "mask_disc", "image_disc")},
     "swa_start": cs.non_negative_int(),
+    # Not the authors': the transformer stays the identity (and untrained) before this step.
+    "stn_start": cs.non_negative_int(),
     "analysis": cs.BOOL,                      # disentanglement.json and traversal.png after training
     "analysis_slices": cs.positive_int(),     # test slices per modality for the analysis
 })
@@ -108,7 +110,7 @@ def default_section(variant: str = "dafnet") -> ml_collections.ConfigDict:
       weights=dict(kl=0.1, sup=10.0, adv_mask=1.0, rec=1.0 if journal else 10.0,
                    adv_image=1.0 if journal else 0.0, z_rec=1.0, align=0.0),
       learning_rate=dict(generator=1e-4, stn=0.0, mask_disc=1e-4, image_disc=1e-4),
-      swa_start=0, analysis=True, analysis_slices=64))
+      swa_start=0, stn_start=0, analysis=True, analysis_slices=64))
 
 
 # ================================================================================================
@@ -333,10 +335,13 @@ class MMSDNet:
     out, updated = self.generator.apply(variables, *args, method=fn, rngs=rngs, mutable=mutable)
     return out, {**stats, **updated}
 
-  def _align(self, params, stats, moving, fixed):
+  def _align(self, params, stats, moving, fixed, active=None):
+    """The transformer's warp of `moving` onto `fixed`; `moving` itself while `active` is False
+    (a traced bool: no gradient reaches the transformer then)."""
     if not self.settings.stn:
       return moving
-    return self._gen(params, stats, "align", moving, fixed)[0]
+    warped = self._gen(params, stats, "align", moving, fixed)[0]
+    return warped if active is None else jnp.where(active, warped, moving)
 
   def fused_probabilities(self, params, stats, image, modality, partner):
     """Multi-input prediction: [B, H, W, C] image, [B, k, H, W, C] partner slices -> [B, H, W, K].
@@ -412,7 +417,8 @@ class MMSDNet:
     new = {k: v for k, v in updated.items() if k != disc_lib.PENALTY_COLLECTION}
     return scores, {**stats, **new}, penalty
 
-  def generator_loss(self, gen_params, gen_stats, disc_params, disc_stats, batch, rng):
+  def generator_loss(self, gen_params, gen_stats, disc_params, disc_stats, batch, rng,
+                     step=None):
     """The generator's weighted loss; aux = (new stats, metrics, fakes for the discriminators).
 
     Both directions go through each network in one batched pass (one anatomy pass per modality,
@@ -440,8 +446,9 @@ class MMSDNet:
 
     # Align every candidate onto its slice's anatomy and weigh the k candidates.
     fixed = _Stack([jnp.repeat(own[m], k, axis=0) for m in mods])
+    stn_active = None if step is None or not s.stn_start else step >= s.stn_start
     deformed = fixed.split(self._align(gen_params, stats, jnp.concatenate([cand[m] for m in mods]),
-                                       fixed.value))
+                                       fixed.value, stn_active))
     rep = dict(zip(mods, fixed.parts))
     scores = similarity.soft_dice_per_sample(fixed.value, jnp.concatenate(deformed))
     if k == 1:
@@ -530,7 +537,7 @@ class MMSDNet:
       # encoders cannot make it easy (e.g. by both turning every channel on).
       moved = self._align(gen_params, stats,
                           jax.lax.stop_gradient(jnp.concatenate([cand[m] for m in mods])),
-                          jax.lax.stop_gradient(fixed.value))
+                          jax.lax.stop_gradient(fixed.value), stn_active)
       align = 1.0 - jnp.mean(similarity.soft_dice_per_sample(
           jax.lax.stop_gradient(fixed.value), moved))
       total = total + w.align * align
@@ -557,7 +564,8 @@ class MMSDNet:
     """One Adam step of the generator; returns (state, metrics, fakes)."""
     grad_fn = jax.grad(self.generator_loss, has_aux=True)
     grads, (gen_stats, metrics, fakes) = grad_fn(
-        state.params["generator"], state.stats["generator"], state.params, state.stats, batch, rng)
+        state.params["generator"], state.stats["generator"], state.params, state.stats, batch, rng,
+        state.step)
     updates, opt = self.tx["generator"].update(grads, state.opt_state["generator"],
                                                state.params["generator"])
     params = {**state.params, "generator": optax.apply_updates(state.params["generator"], updates)}
