@@ -51,12 +51,15 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def _set_steps(config, steps: int) -> None:
-  """Another number of steps (0 keeps the config's), with SWA and evaluations scaled to it."""
+  """Another number of steps (0 keeps the config's), with SWA, the transformer's start and the
+  evaluations scaled to it."""
   if not steps:
     return
   config.train.steps = steps
   if "mmsdnet" in config:
     config.mmsdnet.swa_start = int(0.7 * steps)
+    if config.mmsdnet.stn_start:
+      config.mmsdnet.stn_start = int(0.3 * steps)
   config.train.eval_every = config.train.checkpoint_every = max(1, steps // 4)
 
 

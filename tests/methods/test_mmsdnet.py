@@ -352,6 +352,8 @@ def test_configs_validate_and_follow_their_arguments(module, arg):
   section = config.mmsdnet
   assert section.decoder == args.get("decoder", "film")
   assert section.stn == (args.get("stn", "on") == "on")
+  # The CPU-sized configs hold the transformer at the identity for 300 of their 1000 steps.
+  assert section.stn_start == (0 if "tiny" in arg else 300) < config.train.steps
   assert section.pairing == args.get("pairing", "expert")
   expected_mode = "unpaired" if section.pairing == "cross_subject" else "paired"
   assert config.data.phantom.mode == expected_mode
