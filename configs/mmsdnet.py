@@ -67,7 +67,8 @@ def build(arg, variant: str):
   # anchored the anatomies; trained from step 0 it and the label-free target's encoder shifted
   # against each other and the warp moved the partners' labels away from the slices' (zero-shot
   # CT multi input 0.578 with the transformer on against 0.859 off; from step 300: 0.875, and
-  # 0.737 against 0.691 with 3x misaligned pairs; experiments/results/mmsdnet_zero_shot_phantom.md).
+  # 0.737 against 0.691 with 3x misaligned pairs; but with seed 1 0.609 against 0.768, so it is
+  # no reliable fix; experiments/results/mmsdnet_zero_shot_phantom.md).
   section.stn_start = 300
   section.analysis_slices = 48
   config.model.depth = section.anatomy_depth
