@@ -151,14 +151,14 @@ def _dice_counts(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndar
 
 
 def _label_warper(method, modality: str, num_classes: int):
-  """jit (state, image, partner, partner_label) -> (warped partner label, mean |offset| [2])."""
+  """jit (state, image, partner, partner_label) -> (warped partner label, mean |offset| [B, 2])."""
 
   @jax.jit
   def warped(state, image, partner, partner_label):
     disp = method.predict_displacements(state, image, modality, partner)
     one_hot = jax.nn.one_hot(partner_label, num_classes, dtype=jnp.float32)
     moved = tps.thin_plate_spline(one_hot, disp)
-    return jnp.argmax(moved, axis=-1), jnp.mean(jnp.abs(disp), axis=(0, 1))  # (row, col)
+    return jnp.argmax(moved, axis=-1), jnp.mean(jnp.abs(disp), axis=1)  # per slice (row, col)
 
   return warped
 
@@ -197,12 +197,12 @@ def evaluate_alignment(method, state, data, config) -> dict:
         own = np.stack([case.label[:, :, z] for z in zs])
         counts["identity"] += _dice_counts(partner_label[:len(zs)], own, num_classes)
         counts["transformer"] += _dice_counts(moved, own, num_classes)
-        offsets.append(np.asarray(offset))
+        offsets.append(np.asarray(offset)[:len(zs)])  # the padding slices are not counted
         slices += len(zs)
     height, width = cases[0].image.shape[:2]
     result[j] = {name: pooled_dice(c, data.class_names) for name, c in counts.items()}
     # The control points' mean |offset|, from normalised [0, 1] units to pixels of the view.
-    offset_px = np.mean(offsets, axis=0) * np.array([height - 1, width - 1])
+    offset_px = np.mean(np.concatenate(offsets), axis=0) * np.array([height - 1, width - 1])
     result[j].update({"partner_modality": i, "slices": slices,
                       "mean_abs_control_point_offset_px": float(np.mean(offset_px))})
   return result
