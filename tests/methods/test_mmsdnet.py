@@ -10,6 +10,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import dafnet, mmsdnet
@@ -79,40 +80,128 @@ def test_the_spatial_transformer_takes_its_own_learning_rate(setup):
           np.testing.assert_allclose(np.asarray(leaf), -expected, rtol=1e-4, err_msg=module)
 
 
-def test_the_alignment_term_trains_only_the_transformer_and_falls(setup):
+def _align_method(setup, target):
   config = setup.config.copy_and_resolve_references()
   config.mmsdnet.weights.update(kl=0.0, sup=0.0, adv_mask=0.0, rec=0.0, adv_image=0.0, z_rec=0.0,
                                 align=1.0)
-  config.mmsdnet.learning_rate.stn = 1e-2
-  method = methods.create(config, num_classes=len(setup.data.class_names),
-                          modalities=setup.data.modalities)
-  state = method.init(rng.prng_key(0), setup.batch)
-  params, stats = state.params["generator"], state.stats["generator"]
-  grads, (_, metrics, _) = jax.grad(method.generator_loss, has_aux=True)(
-      params, stats, state.params, state.stats, setup.batch, rng.prng_key(1))
-  # Untrained, the warp is the identity: the term is 1 - soft Dice of each slice's anatomy and
-  # its partner's. One anatomy pass per modality over its slices and the partners it gives the
-  # other modality, as in training (batch norm normalises with the statistics of that pass).
+  config.mmsdnet.align_target = target
+  return methods.create(config, num_classes=len(setup.data.class_names),
+                        modalities=setup.data.modalities)
+
+
+def _own_and_partner_anatomies(method, params, stats, batch):
+  """One anatomy pass per modality over its slices and the partners it gives the other modality,
+  as in training (batch norm normalises with the statistics of that pass)."""
   own, partner = {}, {}
   for m, other in (("mr", "ct"), ("ct", "mr")):
-    images = setup.batch[m]["image"]
-    stacked = jnp.concatenate([images, setup.batch[other]["partner_image"][:, 0]])
+    images = batch[m]["image"]
+    stacked = jnp.concatenate([images, batch[other]["partner_image"][:, 0]])
     factors = method._gen(params, stats, "anatomy", stacked, m, train=True)[0]
     own[m], partner[other] = factors[:len(images)], factors[len(images):]
+  return own, partner
+
+
+def test_the_anatomy_alignment_term_is_the_soft_dice_of_the_partner_anatomies(setup):
+  method = _align_method(setup, "anatomy")
+  state = method.init(rng.prng_key(0), setup.batch)
+  params, stats = state.params["generator"], state.stats["generator"]
+  loss, (_, metrics, _) = method.generator_loss(params, stats, state.params, state.stats,
+                                                setup.batch, rng.prng_key(1))
+  # Untrained, the warp is the identity: the term is 1 - soft Dice of each slice's anatomy and
+  # its partner's, pooled over channels; it is the whole loss here.
+  own, partner = _own_and_partner_anatomies(method, params, stats, setup.batch)
   dice = similarity.soft_dice_per_sample(jnp.concatenate([own["mr"], own["ct"]]),
                                          jnp.concatenate([partner["mr"], partner["ct"]]))
   np.testing.assert_allclose(float(metrics["align"]), 1.0 - float(jnp.mean(dice)), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(metrics["align"]), rtol=1e-6)
+
+
+def _numpy_class_dice(a, b, smooth=1e-6):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return ((2 * np.sum(a * b, axis=(1, 2)) + smooth)
+          / (np.sum(a, axis=(1, 2)) + np.sum(b, axis=(1, 2)) + smooth))
+
+
+@pytest.mark.parametrize("target", ["anatomy", "masks"])
+def test_the_alignment_term_trains_only_the_transformer_and_falls(setup, target):
+  method = _align_method(setup, target)
+  state = method.init(rng.prng_key(0), setup.batch)
+  params, stats = state.params["generator"], state.stats["generator"]
+  own, partner = _own_and_partner_anatomies(method, params, stats, setup.batch)
+  cand = {"mr": partner["mr"], "ct": partner["ct"]}          # candidates aligned onto mr / ct
+  fixed = jnp.concatenate([own["mr"], own["ct"]])
+  # CT unlabelled: its target is the segmentor's prediction (any soft mask), MR's its label.
+  shape = setup.batch["ct"]["label"].shape + (len(setup.data.class_names),)
+  probs = {("mr", "own"): jnp.zeros(shape),
+           ("ct", "own"): jax.nn.softmax(jax.random.normal(rng.prng_key(2), shape))}
+  y = {m: jnp.asarray(setup.batch[m]["label"]) for m in ("mr", "ct")}
+  labelled = {"mr": jnp.ones(shape[0]), "ct": jnp.zeros(shape[0])}
+
+  def loss_fn(p):
+    return method._alignment_loss(p, stats, cand, fixed, probs, y, labelled, None)
+
+  if target == "masks":
+    # Independent reference at the identity warp: candidates' softmax masks (one segmentor pass)
+    # against MR's one-hot labels and CT's given soft masks, per organ, background left out.
+    moving = jnp.concatenate([cand["mr"], cand["ct"]])
+    logits = method._gen(params, stats, "segment", moving, "mr", train=True)[0]
+    masks = np.asarray(jax.nn.softmax(logits, -1))[..., 1:]
+    targets = np.concatenate([np.eye(shape[-1])[np.asarray(y["mr"])],
+                              np.asarray(probs[("ct", "own")])])[..., 1:]
+    np.testing.assert_allclose(float(loss_fn(params)),
+                               1.0 - np.mean(_numpy_class_dice(masks, targets)), rtol=1e-5)
+  grads = jax.grad(loss_fn)(params)
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]
   stn = [g for path, g in flat if "transformer" in jax.tree_util.keystr(path)]
   rest = [g for path, g in flat if "transformer" not in jax.tree_util.keystr(path)]
   assert rest and all(float(jnp.abs(g).max()) == 0.0 for g in rest)
   assert any(float(jnp.abs(g).max()) > 0 for g in stn)
-  step = jax.jit(lambda st, b: method.train_step(st, b, rng.prng_key(1)))
+  tx = optax.adam(1e-2)
+  opt = tx.init(params)
+
+  @jax.jit
+  def adam_step(p, o):
+    value, g = jax.value_and_grad(loss_fn)(p)
+    updates, o = tx.update(g, o, p)
+    return optax.apply_updates(p, updates), o, value
+
   values = []
   for _ in range(8):
-    state, metrics = step(state, setup.batch)
-    values.append(float(metrics["align"]))
-  assert values[-1] < values[0], values
+    params, opt, value = adam_step(params, opt)
+    values.append(float(value))
+  assert np.all(np.isfinite(values)) and values[-1] < values[0], values
+
+
+def _transformer_grads(method, state, batch):
+  grads = jax.grad(method.generator_loss, has_aux=True)(
+      state.params["generator"], state.stats["generator"], state.params, state.stats, batch,
+      rng.prng_key(1))[0]
+  return grads["params"]["transformer"], grads
+
+
+def test_stn_trained_by_align_leaves_the_transformer_to_the_registration_term(setup):
+  config = setup.config.copy_and_resolve_references()
+  config.mmsdnet.update(stn_trained_by="align", align_target="masks")
+  config.mmsdnet.weights.align = 2.0
+  full = methods.create(config, num_classes=len(setup.data.class_names),
+                        modalities=setup.data.modalities)
+  state = full.init(rng.prng_key(0), setup.batch)
+  only = config.copy_and_resolve_references()
+  only.mmsdnet.weights.update(kl=0.0, sup=0.0, adv_mask=0.0, rec=0.0, adv_image=0.0, z_rec=0.0)
+  align_only = methods.create(only, num_classes=len(setup.data.class_names),
+                              modalities=setup.data.modalities)
+  stn_full, grads_full = _transformer_grads(full, state, setup.batch)
+  stn_align, _ = _transformer_grads(align_only, state, setup.batch)
+  # Every other term is in the loss (the encoders get their gradients) but adds nothing to the
+  # transformer's: it gets exactly the registration term's.
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(stn_align))
+  chex.assert_trees_all_close(stn_full, stn_align, rtol=1e-5, atol=1e-8)
+  encoder = grads_full["params"]["anatomy_encoder"]
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(encoder))
+  config.mmsdnet.weights.align = 0.0
+  with pytest.raises(config_schema.ConfigError, match="mmsdnet.stn_trained_by"):
+    methods.create(config, num_classes=len(setup.data.class_names),
+                   modalities=setup.data.modalities)
 
 
 def test_the_transformer_stays_the_identity_and_untrained_before_stn_start(setup):

@@ -1,4 +1,4 @@
-"""Tests of unpaired_seg.ops.similarity: per-sample soft Dice of anatomy factors.
+"""Tests of unpaired_seg.ops.similarity: soft Dice of anatomy factors and masks.
 
   python -m pytest -q tests/ops/test_similarity.py
 """
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unpaired_seg.ops.similarity import soft_dice_per_sample
+from unpaired_seg.ops.similarity import soft_dice_per_class, soft_dice_per_sample
 
 
 def _loop_dice(a, b, smooth):
@@ -71,3 +71,32 @@ def test_bad_inputs_raise_named_errors():
     soft_dice_per_sample(jnp.zeros((2,)), jnp.zeros((2,)))
   with pytest.raises(ValueError, match="smooth"):
     soft_dice_per_sample(jnp.zeros((2, 3)), jnp.zeros((2, 3)), smooth=-1.0)
+
+
+def test_per_class_dice_matches_the_loop_reference_channel_by_channel():
+  rng = np.random.default_rng(2)
+  a = rng.uniform(size=(3, 4, 5, 2)).astype(np.float32)
+  b = rng.uniform(size=(3, 4, 5, 2)).astype(np.float32)
+  for smooth in (1e-6, 1.0):
+    dice = soft_dice_per_class(a, b, smooth=smooth)
+    assert dice.shape == (3, 2)
+    for c in range(2):
+      np.testing.assert_allclose(dice[:, c], _loop_dice(a[..., c:c + 1], b[..., c:c + 1], smooth),
+                                 rtol=1e-5)
+
+
+def test_per_class_dice_hand_computed_and_empty_channels():
+  # Channel 0: a has 2 pixels, b 1 of them -> 2/3. Channel 1 empty in both -> 1 (smooth 0 too).
+  a = np.zeros((1, 2, 2, 2), np.float32)
+  b = np.zeros_like(a)
+  a[0, 0, 0, 0] = a[0, 1, 1, 0] = 1.0
+  b[0, 1, 1, 0] = 1.0
+  for smooth in (0.0, 1e-6):
+    np.testing.assert_allclose(soft_dice_per_class(a, b, smooth=smooth), [[2.0 / 3.0, 1.0]],
+                               rtol=1e-5)
+    grad = jax.grad(lambda x: jnp.sum(soft_dice_per_class(x, b, smooth=smooth)))(jnp.asarray(a))
+    assert np.all(np.isfinite(grad))
+  with pytest.raises(ValueError, match="`a`.*`b`"):
+    soft_dice_per_class(jnp.zeros((2, 3, 3, 1)), jnp.zeros((2, 3, 3, 2)))
+  with pytest.raises(ValueError, match="between batch and channel"):
+    soft_dice_per_class(jnp.zeros((2, 3)), jnp.zeros((2, 3)))

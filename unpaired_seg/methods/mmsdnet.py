@@ -17,6 +17,13 @@ reconstruction, KL, z-reconstruction and adversarial terms: the supervised terms
 own label, so the zero-shot target learns its anatomy through the source direction (its deformed
 anatomy must segment the source's label).
 
+Not the authors' (options): `weights.align` adds a registration term that trains the transformer
+only (1 - soft Dice of the partner's organ masks warped onto the slice's, `align_target='masks'`, or
+of the anatomies), and `stn_trained_by='align'` leaves the transformer to that term alone: the
+other losses still reach the encoders through the warp, but not the transformer (trained by every
+loss, it and a label-free encoder can shift against each other and still lower them).
+`stn_start` holds the transformer at the identity for the first steps.
+
 Stochastic weight averaging (`mmsdnet.swa_start`): a running mean of the generator's parameters and
 batch-norm statistics from that step on; `predict` (validation, checkpoints' evaluation, test) uses
 it, training continues on the raw weights.
@@ -42,7 +49,7 @@ from unpaired_seg.nn import disentangle
 from unpaired_seg.nn import discriminators as disc_lib
 from unpaired_seg.nn import stn as stn_lib
 from unpaired_seg.nn.sharing import NormSpec
-from unpaired_seg.ops import losses, similarity
+from unpaired_seg.ops import losses, similarity, tps
 
 VARIANTS = ("mmsdnet", "dafnet")
 DECODERS = ("film", "spade")
@@ -81,8 +88,14 @@ cs.register_section("mmsdnet", {
     "spectral": cs.choice(*disc_lib.SPECTRAL_MODES),
     # Per-class Dice + CE (paper) or the authors' code's pooled foreground Dice + CE.
     "supervised": cs.choice("paper", "code"),
-    # 'align' (not the authors'; 0 = off): 1 - soft Dice of the own anatomy and the partner's
-    # warped onto it, with both anatomies held fixed, so it trains the transformer only.
+    # 'align' (not the authors'; 0 = off): a registration term that trains the transformer only
+    # (its inputs and targets held fixed): 1 - soft Dice between each slice and its partner warped
+    # onto it, of the two anatomies ('anatomy') or of their organ masks ('masks': the label of a
+    # labelled slice, else the segmentor's prediction; per organ, background left out).
+    "align_target": cs.choice("anatomy", "masks"),
+    # What trains the transformer: every loss (the authors'), or the 'align' term alone (the other
+    # losses still train the encoders through the warp, but not the transformer).
+    "stn_trained_by": cs.choice("all", "align"),
     "weights": {k: cs.number(0.0)
                 for k in ("kl", "sup", "adv_mask", "rec", "adv_image", "z_rec", "align")},
     # 'stn': the spatial transformer's own Adam rate inside the generator step (0 = 'generator').
@@ -90,7 +103,7 @@ cs.register_section("mmsdnet", {
     "swa_start": cs.non_negative_int(),
     # Not the authors': the transformer stays the identity (and untrained) before this step.
     "stn_start": cs.non_negative_int(),
-    "analysis": cs.BOOL,                      # disentanglement.json and traversal.png after training
+    "analysis": cs.BOOL,                      # disentanglement.json, traversal.png after training
     "analysis_slices": cs.positive_int(),     # test slices per modality for the analysis
 })
 
@@ -106,7 +119,8 @@ def default_section(variant: str = "dafnet") -> ml_collections.ConfigDict:
       decoder_features=8, spade_hidden=128, spade_upsamples=5, segmentor_features=64,
       stn_features=20, stn_hidden=100, pair_hidden=5,
       mask_disc_features=64 if journal else 4, image_disc=journal, image_disc_features=64,
-      disc_padding="VALID", spectral="paper", supervised="paper",
+      disc_padding="VALID", spectral="paper", supervised="paper", align_target="masks",
+      stn_trained_by="all",
       weights=dict(kl=0.1, sup=10.0, adv_mask=1.0, rec=1.0 if journal else 10.0,
                    adv_image=1.0 if journal else 0.0, z_rec=1.0, align=0.0),
       learning_rate=dict(generator=1e-4, stn=0.0, mask_disc=1e-4, image_disc=1e-4),
@@ -263,6 +277,9 @@ class MMSDNet:
                            f"modalities, got {tuple(modalities)}")
     if config.data.context_slices:
       raise cs.ConfigError(f"config key 'data.context_slices': {config.method} is 2D, use 0")
+    if config.mmsdnet.stn_trained_by == "align" and not config.mmsdnet.weights.align:
+      raise cs.ConfigError("config key 'mmsdnet.stn_trained_by': 'align' trains the transformer "
+                           "by the registration term alone; set 'mmsdnet.weights.align' > 0")
     self.config = config
     self.settings = ml_collections.FrozenConfigDict(config.mmsdnet)
     s = self.settings
@@ -447,8 +464,14 @@ class MMSDNet:
     # Align every candidate onto its slice's anatomy and weigh the k candidates.
     fixed = _Stack([jnp.repeat(own[m], k, axis=0) for m in mods])
     stn_active = None if step is None or not s.stn_start else step >= s.stn_start
-    deformed = fixed.split(self._align(gen_params, stats, jnp.concatenate([cand[m] for m in mods]),
-                                       fixed.value, stn_active))
+    warp_params = gen_params
+    if s.stn_trained_by == "align":   # no gradient of these terms reaches the transformer
+      warp_params = {**gen_params, "params": {
+          **gen_params["params"],
+          "transformer": jax.lax.stop_gradient(gen_params["params"]["transformer"])}}
+    deformed = fixed.split(self._align(warp_params, stats,
+                                       jnp.concatenate([cand[m] for m in mods]), fixed.value,
+                                       stn_active))
     rep = dict(zip(mods, fixed.parts))
     scores = similarity.soft_dice_per_sample(fixed.value, jnp.concatenate(deformed))
     if k == 1:
@@ -533,17 +556,45 @@ class MMSDNet:
                       f"adv_image_{m}": adv_image, f"z_rec_{m}": z_rec,
                       f"pair_weight_max_{m}": jnp.mean(jnp.max(pair_w[m], axis=1))})
     if w.align > 0 and s.stn:
-      # A registration term for the transformer alone: the anatomies are held fixed, so the
-      # encoders cannot make it easy (e.g. by both turning every channel on).
-      moved = self._align(gen_params, stats,
-                          jax.lax.stop_gradient(jnp.concatenate([cand[m] for m in mods])),
-                          jax.lax.stop_gradient(fixed.value), stn_active)
-      align = 1.0 - jnp.mean(similarity.soft_dice_per_sample(
-          jax.lax.stop_gradient(fixed.value), moved))
+      align = self._alignment_loss(gen_params, stats, cand, fixed.value, probs, y, labelled,
+                                   stn_active)
       total = total + w.align * align
       metrics["align"] = align
     metrics["generator_loss"] = total
     return total, (stats, metrics, fakes)
+
+  def _alignment_loss(self, params, stats, cand, fixed, probs, y, labelled, active):
+    """The optional registration term (`weights.align`); trains the transformer only.
+
+    Every input of the transformer and every target is held fixed (stop-gradient), so the
+    encoders cannot make the term easy (e.g. by turning every anatomy channel on). 'anatomy':
+    1 - soft Dice (pooled over channels) of each slice's anatomy and its candidates' warped onto
+    it. 'masks': the candidates' organ masks (the segmentor's softmax of their anatomy) warped with
+    the transformer's displacements, against the slice's mask (its one-hot label when labelled,
+    else the softmax of its own anatomy's segmentation); 1 - soft Dice per organ and sample,
+    background left out, averaged.
+    """
+    mods, k = self.modalities, self.k
+    moving = jax.lax.stop_gradient(jnp.concatenate([cand[m] for m in mods]))
+    fixed = jax.lax.stop_gradient(fixed)
+    if self.settings.align_target == "anatomy":
+      moved = self._align(params, stats, moving, fixed, active)
+      return 1.0 - jnp.mean(similarity.soft_dice_per_sample(fixed, moved))
+    # Candidates' masks: a segmentor pass over their (unwarped) anatomy, batch statistics not kept.
+    cand_logits = self._gen(params, stats, "segment", moving, mods[0], train=True)[0]
+    cand_masks = jax.nn.softmax(cand_logits.astype(jnp.float32), -1)[..., 1:]
+    cand_masks = jax.lax.stop_gradient(cand_masks)
+    displacements = self._gen(params, stats, "displacements", moving, fixed)[0]
+    moved = tps.thin_plate_spline(cand_masks, displacements)
+    if active is not None:
+      moved = jnp.where(active, moved, cand_masks)
+    targets = []
+    for m in mods:
+      one_hot = jax.nn.one_hot(y[m], self.num_classes, dtype=jnp.float32)
+      mask = jnp.where(labelled[m][:, None, None, None] > 0, one_hot, probs[(m, "own")])
+      targets.append(jnp.repeat(mask[..., 1:], k, axis=0))
+    target = jax.lax.stop_gradient(jnp.concatenate(targets))
+    return 1.0 - jnp.mean(similarity.soft_dice_per_class(moved, target))
 
   def mask_disc_loss(self, params, stats, real_masks, real_weight, fake_masks):
     """LS-GAN loss of the mask discriminator; real masks weighted by `real_weight` [N]."""
