@@ -45,3 +45,22 @@ def test_a_partial_command_does_not_replace_the_published_table(script, tmp_path
   assert script.results_path(tmp_path, "phantom", {"joint"}) == tmp_path / "results.md"
   published = script.results_path(tmp_path, "phantom", set())
   assert published == SCRIPT.parent / "results" / "mmsdnet_zero_shot_phantom.md"
+
+
+def test_seeds_repeat_every_run_and_summarise_the_mean_dice(script):
+  runs = script.phantom_runs(0)
+  assert script.with_seeds(runs, ["0"]) is runs            # one seed 0: names unchanged
+  seeded = script.with_seeds(runs, ["0", "2"])
+  assert set(seeded) == {f"{n}_seed{s}" for n in runs for s in (0, 2)}
+  assert seeded["joint_seed2"].seed == 2 and seeded["joint_seed0"].seed == 0
+  assert runs["joint"].seed == 0                            # the originals are not changed
+  with pytest.raises(ValueError, match="repeated"):
+    script.with_seeds(runs, ["1", "1"])
+  rows = [("a_seed0 multi input", {"mean": 0.5}, "a_seed0"),
+          ("a_seed1 multi input", {"mean": 0.7}, "a_seed1"),
+          ("a_seed0 single input", {"mean": 0.2}, "a_seed0"),
+          ("b single input", {"mean": 0.9}, "b")]
+  summary = {label: (mean, sd, n) for label, mean, sd, n in script.seed_summary(rows)}
+  assert set(summary) == {"a multi input", "a single input"}
+  mean, sd, n = summary["a multi input"]
+  assert n == 2 and mean == pytest.approx(0.6) and sd == pytest.approx(0.1414213, rel=1e-5)
