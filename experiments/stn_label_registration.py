@@ -29,6 +29,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from configs import mmsdnet  # noqa: E402
 from unpaired_seg import train  # noqa: E402
+from unpaired_seg.methods import mmsdnet_eval  # noqa: E402
+from unpaired_seg.methods import mmsdnet_pairing as pairing_lib  # noqa: E402
 from unpaired_seg.nn import stn as stn_lib  # noqa: E402
 from unpaired_seg.ops import similarity, tps  # noqa: E402
 
@@ -45,25 +47,25 @@ def _define_flags() -> None:
 
 
 def label_pairs(data, part: str) -> tuple[np.ndarray, np.ndarray]:
-  """(CT labels, their expert-partner MR labels) of every slice of `part`, [N, H, W] each."""
+  """(CT labels, their expert-partner MR labels) of every slice of `part`, [N, H, W] each; the
+  partners as MMSDNet's training and its `alignment` evaluation choose them."""
   mr, ct = data.cases[part]["mr"], data.cases[part]["ct"]
-  by_subject = {c.subject: c for c in mr}
+  partner_index = {c.subject: n for n, c in enumerate(mr)}
   fixed, moving = [], []
-  for case in ct:
-    partner = by_subject[case.subject]
+  for pos, case in enumerate(ct):
     for z in range(case.num_slices):
+      p, zp = pairing_lib.candidates("expert", 1, 0, case, pos, z, mr, partner_index, "mr",
+                                     rng=None)[0]
       fixed.append(case.label[:, :, z])
-      moving.append(partner.label[:, :, min(z, partner.num_slices - 1)])
+      moving.append(mr[p].label[:, :, zp])
   return np.stack(fixed).astype(np.int32), np.stack(moving).astype(np.int32)
 
 
-def mean_dice(a: np.ndarray, b: np.ndarray, num_classes: int) -> float:
-  """Dice per foreground class pooled over all slices, mean over the classes."""
-  scores = []
-  for c in range(1, num_classes):
-    total = np.sum(a == c) + np.sum(b == c)
-    scores.append(2.0 * np.sum((a == c) & (b == c)) / total if total else 1.0)
-  return float(np.mean(scores))
+def mean_dice(a: np.ndarray, b: np.ndarray, class_names) -> float:
+  """Dice per foreground class pooled over all slices, mean over the classes present: the
+  `alignment` block's figure of summary.json, so the bound compares with it."""
+  counts = mmsdnet_eval.dice_counts(a, b, len(class_names))
+  return mmsdnet_eval.pooled_dice(counts, class_names)["mean"]
 
 
 def run(config, steps: int, learning_rate: float, seed: int, workdir: pathlib.Path,
@@ -100,14 +102,14 @@ def run(config, steps: int, learning_rate: float, seed: int, workdir: pathlib.Pa
     return jnp.argmax(moved, -1), jnp.mean(jnp.abs(displacements))
 
   rng = np.random.default_rng(seed)
-  unwarped = mean_dice(moving_te, fixed_te, num_classes)
+  unwarped = mean_dice(moving_te, fixed_te, data.class_names)
   size = fixed_te.shape[1] - 1
   rows = []
   for it in range(steps + 1):
     if it % 250 == 0 or it == steps:
       moved, offset = warp_labels(params, moving_te, fixed_te)
       row = {"step": it, "unwarped": unwarped,
-             "warped": mean_dice(np.asarray(moved), fixed_te, num_classes),
+             "warped": mean_dice(np.asarray(moved), fixed_te, data.class_names),
              "offset_px": float(offset) * size}
       rows.append(row)
       report(f"step {it}: test label Dice unwarped {row['unwarped']:.3f}, warped "

@@ -180,9 +180,6 @@ class Generator(nn.Module):
   def decode(self, s, z):
     return self.decoder(s, z)
 
-  def align(self, moving, fixed):
-    return self.transformer(moving, fixed)[0]
-
   def displacements(self, moving, fixed):
     return self.transformer(moving, fixed)[1]
 
@@ -352,13 +349,16 @@ class MMSDNet:
     out, updated = self.generator.apply(variables, *args, method=fn, rngs=rngs, mutable=mutable)
     return out, {**stats, **updated}
 
-  def _align(self, params, stats, moving, fixed, active=None):
-    """The transformer's warp of `moving` onto `fixed`; `moving` itself while `active` is False
-    (a traced bool: no gradient reaches the transformer then)."""
+  def _align(self, params, stats, moving, fixed, active=None, values=None):
+    """`values` (default: `moving`) warped with the transformer's displacements of `moving` onto
+    `fixed`; unwarped while `active` is False (a traced bool: no gradient reaches the transformer
+    then) or with the transformer off."""
+    values = moving if values is None else values
     if not self.settings.stn:
-      return moving
-    warped = self._gen(params, stats, "align", moving, fixed)[0]
-    return warped if active is None else jnp.where(active, warped, moving)
+      return values
+    displacements = self._gen(params, stats, "displacements", moving, fixed)[0]
+    warped = tps.thin_plate_spline(values, displacements.astype(values.dtype))
+    return warped if active is None else jnp.where(active, warped, values)
 
   def fused_probabilities(self, params, stats, image, modality, partner):
     """Multi-input prediction: [B, H, W, C] image, [B, k, H, W, C] partner slices -> [B, H, W, K].
@@ -584,10 +584,7 @@ class MMSDNet:
     cand_logits = self._gen(params, stats, "segment", moving, mods[0], train=True)[0]
     cand_masks = jax.nn.softmax(cand_logits.astype(jnp.float32), -1)[..., 1:]
     cand_masks = jax.lax.stop_gradient(cand_masks)
-    displacements = self._gen(params, stats, "displacements", moving, fixed)[0]
-    moved = tps.thin_plate_spline(cand_masks, displacements)
-    if active is not None:
-      moved = jnp.where(active, moved, cand_masks)
+    moved = self._align(params, stats, moving, fixed, active, values=cand_masks)
     targets = []
     for m in mods:
       one_hot = jax.nn.one_hot(y[m], self.num_classes, dtype=jnp.float32)

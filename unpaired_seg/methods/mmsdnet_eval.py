@@ -144,7 +144,7 @@ def pooled_dice(counts: np.ndarray, class_names) -> dict:
   return {"per_class": per_class, "mean": float(np.mean(values)) if values else None}
 
 
-def _dice_counts(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
+def dice_counts(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
   """[C, 3] (intersection, |pred == c|, |ref == c|) of two integer label arrays."""
   return np.array([[np.count_nonzero((pred == c) & (ref == c)), np.count_nonzero(pred == c),
                     np.count_nonzero(ref == c)] for c in range(num_classes)], np.int64)
@@ -195,8 +195,8 @@ def evaluate_alignment(method, state, data, config) -> dict:
         moved, offset = warped(state, image, partner, partner_label.astype(np.int32))
         moved = np.asarray(moved)[:len(zs)]
         own = np.stack([case.label[:, :, z] for z in zs])
-        counts["identity"] += _dice_counts(partner_label[:len(zs)], own, num_classes)
-        counts["transformer"] += _dice_counts(moved, own, num_classes)
+        counts["identity"] += dice_counts(partner_label[:len(zs)], own, num_classes)
+        counts["transformer"] += dice_counts(moved, own, num_classes)
         offsets.append(np.asarray(offset)[:len(zs)])  # the padding slices are not counted
         slices += len(zs)
     height, width = cases[0].image.shape[:2]
