@@ -15,9 +15,10 @@ import pytest
 
 from configs import dafnet, mmsdnet
 from unpaired_seg import config_schema, methods, rng, train
+from unpaired_seg.methods import mmsdnet as mmsdnet_lib
 from unpaired_seg.methods import mmsdnet_eval
 from unpaired_seg.methods import mmsdnet_pairing as pairing_lib
-from unpaired_seg.ops import similarity
+from unpaired_seg.ops import similarity, tps
 
 SWA_START = 2
 
@@ -65,7 +66,6 @@ def test_generator_step_lowers_its_loss_with_finite_gradients_in_one_trace(setup
 
 
 def test_the_spatial_transformer_takes_its_own_learning_rate(setup):
-  from unpaired_seg.methods import mmsdnet as mmsdnet_lib
   params = setup.state.params["generator"]
   assert "transformer" in params["params"] and len(params) > 1      # norm collections too
   grads = jax.tree.map(jnp.ones_like, params)
@@ -172,6 +172,61 @@ def test_the_alignment_term_trains_only_the_transformer_and_falls(setup, target)
   assert np.all(np.isfinite(values)) and values[-1] < values[0], values
 
 
+def test_the_mean_offset_term_penalises_the_offsets_every_pair_shares(setup):
+  config = setup.config.copy_and_resolve_references()
+  config.mmsdnet.weights.update(kl=0.0, sup=0.0, adv_mask=0.0, rec=0.0, adv_image=0.0, z_rec=0.0,
+                                align=0.0, mean_offset=2.0)
+  config.mmsdnet.stn_trained_by = "all"
+  method = methods.create(config, num_classes=len(setup.data.class_names),
+                          modalities=setup.data.modalities)
+  state = method.init(rng.prng_key(0), setup.batch)
+  params, stats = state.params["generator"], state.stats["generator"]
+  # Hand case: a zero kernel in the last layer gives every pair the bias as its offsets, so the
+  # batch's mean field is the bias in both directions and the term is mean(bias^2).
+  bias = 0.01 * np.arange(50, dtype=np.float32) - 0.2
+  layer = params["params"]["transformer"]["localisation"]["offsets"]
+  shared = jax.tree.map(lambda x: x, params)
+  shared["params"]["transformer"]["localisation"]["offsets"] = {
+      "kernel": jnp.zeros_like(layer["kernel"]), "bias": jnp.asarray(bias)}
+  loss, (_, metrics, _) = method.generator_loss(shared, stats, state.params, state.stats,
+                                                setup.batch, rng.prng_key(1))
+  np.testing.assert_allclose(float(metrics["mean_offset"]), np.mean(bias ** 2), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), 2.0 * np.mean(bias ** 2), rtol=1e-5)
+
+  own, partner = _own_and_partner_anatomies(method, params, stats, setup.batch)
+  cand = {"mr": partner["mr"], "ct": partner["ct"]}
+  fixed = mmsdnet_lib._Stack([own["mr"], own["ct"]])
+
+  def loss_fn(p, active=None):
+    return method._mean_offset_loss(p, stats, cand, fixed, active)
+
+  # Random weights: the reference averages each direction's offsets over its pairs in numpy.
+  rand = jax.tree.map(lambda x: x, params)
+  rand["params"]["transformer"]["localisation"]["offsets"] = {
+      "kernel": 0.05 * jax.random.normal(rng.prng_key(3), layer["kernel"].shape),
+      "bias": jnp.zeros_like(layer["bias"])}
+  offsets = np.asarray(method._gen(rand, stats, "displacements",
+                                   jnp.concatenate([cand["mr"], cand["ct"]]), fixed.value)[0])
+  n = own["mr"].shape[0]
+  reference = np.mean([np.mean(offsets[:n], 0) ** 2, np.mean(offsets[n:], 0) ** 2])
+  assert reference > 0
+  np.testing.assert_allclose(float(loss_fn(rand)), reference, rtol=1e-5)
+  assert float(loss_fn(rand, jnp.asarray(False))) == 0.0          # before stn_start
+  grads = jax.grad(loss_fn)(rand)
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  assert all(float(jnp.abs(g).max()) == 0.0 for path, g in flat
+             if "transformer" not in jax.tree_util.keystr(path))
+  tx = optax.adam(1e-2)
+  opt, values = tx.init(rand), []
+  step = jax.jit(lambda p, o: (lambda v, g: (v, *tx.update(g, o, p)))(
+      *jax.value_and_grad(loss_fn)(p)))
+  for _ in range(5):
+    value, updates, opt = step(rand, opt)
+    rand = optax.apply_updates(rand, updates)
+    values.append(float(value))
+  assert values[-1] < values[0], values
+
+
 def _transformer_grads(method, state, batch):
   grads = jax.grad(method.generator_loss, has_aux=True)(
       state.params["generator"], state.stats["generator"], state.params, state.stats, batch,
@@ -198,10 +253,43 @@ def test_stn_trained_by_align_leaves_the_transformer_to_the_registration_term(se
   chex.assert_trees_all_close(stn_full, stn_align, rtol=1e-5, atol=1e-8)
   encoder = grads_full["params"]["anatomy_encoder"]
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(encoder))
+  # With the warp's gradient cut (straight-through) the transformer is the term's alone too, even
+  # when every loss may train it.
+  detached = config.copy_and_resolve_references()
+  detached.mmsdnet.update(stn_trained_by="all", warp_gradient="identity")
+  detached = methods.create(detached, num_classes=len(setup.data.class_names),
+                            modalities=setup.data.modalities)
+  stn_detached, grads_detached = _transformer_grads(detached, state, setup.batch)
+  chex.assert_trees_all_close(stn_detached, stn_align, rtol=1e-5, atol=1e-8)
+  encoder = grads_detached["params"]["anatomy_encoder"]
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(encoder))
   config.mmsdnet.weights.align = 0.0
   with pytest.raises(config_schema.ConfigError, match="mmsdnet.stn_trained_by"):
     methods.create(config, num_classes=len(setup.data.class_names),
                    modalities=setup.data.modalities)
+  config.mmsdnet.update(stn_trained_by="all", warp_gradient="identity")
+  with pytest.raises(config_schema.ConfigError, match="mmsdnet.warp_gradient"):
+    methods.create(config, num_classes=len(setup.data.class_names),
+                   modalities=setup.data.modalities)
+
+
+def test_straight_through_warp_is_the_warp_forward_and_the_identity_backward():
+  moving = jax.random.uniform(jax.random.PRNGKey(0), (2, 9, 9, 3))
+  offsets = 0.05 * jax.random.normal(jax.random.PRNGKey(1), (2, 25, 2))
+  weight = jax.random.normal(jax.random.PRNGKey(2), moving.shape)
+
+  def loss(image, d):
+    return jnp.sum(weight * mmsdnet_lib.straight_through_warp(
+        image, tps.thin_plate_spline(image, d)))
+
+  warped = tps.thin_plate_spline(moving, offsets)
+  assert float(jnp.max(jnp.abs(warped - moving))) > 1e-2     # the warp does move the image
+  np.testing.assert_allclose(
+      np.asarray(mmsdnet_lib.straight_through_warp(moving, warped)), np.asarray(warped),
+      atol=1e-6)
+  grad_image, grad_offsets = jax.grad(loss, argnums=(0, 1))(moving, offsets)
+  np.testing.assert_allclose(np.asarray(grad_image), np.asarray(weight), atol=1e-6)
+  assert float(jnp.max(jnp.abs(grad_offsets))) == 0.0
 
 
 def test_the_transformer_stays_the_identity_and_untrained_before_stn_start(setup):

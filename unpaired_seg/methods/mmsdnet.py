@@ -22,6 +22,9 @@ only (1 - soft Dice of the partner's organ masks warped onto the slice's, `align
 of the anatomies), and `stn_trained_by='align'` leaves the transformer to that term alone: the
 other losses still reach the encoders through the warp, but not the transformer (trained by every
 loss, it and a label-free encoder can shift against each other and still lower them).
+`warp_gradient='identity'` goes further: the other losses see the warped factor, but its gradient
+goes to the partner's anatomy as if unwarped (straight-through), so an encoder learns in its own
+image's frame and cannot leave the warp to make up for an offset of its own.
 `stn_start` holds the transformer at the identity for the first steps.
 
 Stochastic weight averaging (`mmsdnet.swa_start`): a running mean of the generator's parameters and
@@ -96,8 +99,17 @@ cs.register_section("mmsdnet", {
     # What trains the transformer: every loss (the authors'), or the 'align' term alone (the other
     # losses still train the encoders through the warp, but not the transformer).
     "stn_trained_by": cs.choice("all", "align"),
-    "weights": {k: cs.number(0.0)
-                for k in ("kl", "sup", "adv_mask", "rec", "adv_image", "z_rec", "align")},
+    # What the other losses' gradients see of the warp (not the authors' when 'identity'): 'warp'
+    # (the authors') differentiates through it into the partner's encoder, the transformer and its
+    # inputs; 'identity' passes the warped factor forward but its gradient to the partner's anatomy
+    # as if unwarped (straight-through), so no encoder can lean on the warp: the warp is then
+    # trained by the 'align' term alone.
+    "warp_gradient": cs.choice("warp", "identity"),
+    # 'mean_offset' (not the authors'; 0 = off): the squared control-point offsets averaged over the
+    # batch's pairs (per direction, normalised [0, 1] units); trains the transformer only. A warp
+    # that every pair shares is a bias of an encoder, not a misalignment of the pairs.
+    "weights": {k: cs.number(0.0) for k in ("kl", "sup", "adv_mask", "rec", "adv_image", "z_rec",
+                                            "align", "mean_offset")},
     # 'stn': the spatial transformer's own Adam rate inside the generator step (0 = 'generator').
     "learning_rate": {k: cs.number(0.0) for k in ("generator", "stn", "mask_disc", "image_disc")},
     "swa_start": cs.non_negative_int(),
@@ -120,9 +132,9 @@ def default_section(variant: str = "dafnet") -> ml_collections.ConfigDict:
       stn_features=20, stn_hidden=100, pair_hidden=5,
       mask_disc_features=64 if journal else 4, image_disc=journal, image_disc_features=64,
       disc_padding="VALID", spectral="paper", supervised="paper", align_target="masks",
-      stn_trained_by="all",
+      stn_trained_by="all", warp_gradient="warp",
       weights=dict(kl=0.1, sup=10.0, adv_mask=1.0, rec=1.0 if journal else 10.0,
-                   adv_image=1.0 if journal else 0.0, z_rec=1.0, align=0.0),
+                   adv_image=1.0 if journal else 0.0, z_rec=1.0, align=0.0, mean_offset=0.0),
       learning_rate=dict(generator=1e-4, stn=0.0, mask_disc=1e-4, image_disc=1e-4),
       swa_start=0, stn_start=0, analysis=True, analysis_slices=64))
 
@@ -220,6 +232,15 @@ def swa_update(average, value, count: jax.Array, active: jax.Array):
   return jax.tree.map(leaf, average, value), new_count
 
 
+def straight_through_warp(moving: jax.Array, warped: jax.Array) -> jax.Array:
+  """`warped` forward; backward, the gradient goes to `moving` as if the warp were the identity.
+
+  Nothing reaches the transformer or its inputs through the result, and the partner's encoder
+  learns in its own image's frame: it cannot drift and leave the warp to make up for it.
+  """
+  return moving + jax.lax.stop_gradient(warped - moving)
+
+
 def generator_optimizer(learning_rate: float, stn_learning_rate: float = 0.0
                         ) -> optax.GradientTransformation:
   """Adam over the generator; the spatial transformer at its own rate when `stn_learning_rate` > 0.
@@ -277,6 +298,9 @@ class MMSDNet:
     if config.mmsdnet.stn_trained_by == "align" and not config.mmsdnet.weights.align:
       raise cs.ConfigError("config key 'mmsdnet.stn_trained_by': 'align' trains the transformer "
                            "by the registration term alone; set 'mmsdnet.weights.align' > 0")
+    if config.mmsdnet.warp_gradient == "identity" and not config.mmsdnet.weights.align:
+      raise cs.ConfigError("config key 'mmsdnet.warp_gradient': 'identity' leaves the "
+                           "transformer to the registration term; set 'mmsdnet.weights.align' > 0")
     self.config = config
     self.settings = ml_collections.FrozenConfigDict(config.mmsdnet)
     s = self.settings
@@ -469,9 +493,11 @@ class MMSDNet:
       warp_params = {**gen_params, "params": {
           **gen_params["params"],
           "transformer": jax.lax.stop_gradient(gen_params["params"]["transformer"])}}
-    deformed = fixed.split(self._align(warp_params, stats,
-                                       jnp.concatenate([cand[m] for m in mods]), fixed.value,
-                                       stn_active))
+    moving = jnp.concatenate([cand[m] for m in mods])
+    deformed = self._align(warp_params, stats, moving, fixed.value, stn_active)
+    if s.warp_gradient == "identity":
+      deformed = straight_through_warp(moving, deformed)
+    deformed = fixed.split(deformed)
     rep = dict(zip(mods, fixed.parts))
     scores = similarity.soft_dice_per_sample(fixed.value, jnp.concatenate(deformed))
     if k == 1:
@@ -560,6 +586,10 @@ class MMSDNet:
                                    stn_active)
       total = total + w.align * align
       metrics["align"] = align
+    if w.mean_offset > 0 and s.stn:
+      shared = self._mean_offset_loss(gen_params, stats, cand, fixed, stn_active)
+      total = total + w.mean_offset * shared
+      metrics["mean_offset"] = shared
     metrics["generator_loss"] = total
     return total, (stats, metrics, fakes)
 
@@ -592,6 +622,22 @@ class MMSDNet:
       targets.append(jnp.repeat(mask[..., 1:], k, axis=0))
     target = jax.lax.stop_gradient(jnp.concatenate(targets))
     return 1.0 - jnp.mean(similarity.soft_dice_per_class(moved, target))
+
+  def _mean_offset_loss(self, params, stats, cand, fixed: "_Stack", active):
+    """The optional `weights.mean_offset` term; trains the transformer only (inputs held fixed).
+
+    Per direction (partners of each modality's slices) the control-point offsets are averaged over
+    the batch's pairs; the term is the mean square of that average field, 0 while `active` is
+    False. The misalignments of independent pairs average out; an offset shared by every pair is
+    the transformer making up for an encoder's bias (e.g. a label-free modality's organs segmented
+    too large), which then moves the partners' labels away from the slices'.
+    """
+    moving = jax.lax.stop_gradient(jnp.concatenate([cand[m] for m in self.modalities]))
+    displacements = self._gen(params, stats, "displacements", moving,
+                              jax.lax.stop_gradient(fixed.value))[0].astype(jnp.float32)
+    fields = [jnp.mean(d, axis=0) for d in fixed.split(displacements)]    # [K, 2] per direction
+    loss = jnp.mean(jnp.stack([jnp.square(f) for f in fields]))
+    return loss if active is None else jnp.where(active, loss, 0.0)
 
   def mask_disc_loss(self, params, stats, real_masks, real_weight, fake_masks):
     """LS-GAN loss of the mask discriminator; real masks weighted by `real_weight` [N]."""
