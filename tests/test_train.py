@@ -173,3 +173,17 @@ def test_resume_after_a_kill_between_a_best_and_a_latest_save(phantom_root, tmp_
   train.train_and_evaluate(_config(phantom_root, steps=8), workdir)
   assert (workdir / "summary.json").exists()
   assert (workdir / "checkpoints" / "latest" / "8").is_dir()
+
+
+def test_load_data_warns_when_the_training_views_clip_an_organ(phantom_root, tmp_path, caplog):
+  config = _config(phantom_root)
+  caplog.set_level("INFO")
+  train.load_data(config, tmp_path / "whole")        # the phantom's views are its whole slices
+  assert "training views keep" in caplog.text and "data.image_size" not in caplog.text
+  caplog.clear()
+  config.data.image_size = (12, 12)
+  data = train.load_data(config, tmp_path / "small")
+  clipped = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert clipped and all("config key 'data.image_size'" in m for m in clipped), caplog.text
+  coverage = train.pipeline.view_coverage(data.cases["train"]["mr"], data.class_names)
+  assert min(coverage.values()) < train.VIEW_COVERAGE_WARNING

@@ -171,6 +171,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data:
     logging.info("%s: %d train, %d val, %d test volumes (%s)", m, len(cases["train"][m]),
                  len(cases["val"][m]), len(cases["test"][m]), normalization[m]["scheme"])
   cases["train"] = drop_labels(config, cases["train"], workdir)
+  for m in modalities:
+    warn_if_views_clip(config, m, pipeline.view_coverage(cases["train"][m], manifest.labels))
   everything = [c for part in cases.values() for m_cases in part.values() for c in m_cases]
   pipeline.write_json_atomic(workdir / "model_info.json", pipeline.model_info(
       method=config.method, class_names=manifest.labels, modalities=modalities,
@@ -184,6 +186,26 @@ def load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data:
                                seed=config.seed, stream=i)
       for i, m in enumerate(modalities)}
   return Data(manifest, modalities, splits, cases, samplers)
+
+
+VIEW_COVERAGE_WARNING = 0.9
+
+
+def warn_if_views_clip(config: ml_collections.ConfigDict, modality: str,
+                       coverage: dict[str, float]) -> None:
+  """Logs what the training views keep of each organ; warns where the view size clips one."""
+  if not coverage:
+    return
+  logging.info("%s: training views keep %s of each class's labelled voxels", modality,
+               ", ".join(f"{k} {v:.0%}" for k, v in coverage.items()))
+  clipped = {k: v for k, v in coverage.items() if v < VIEW_COVERAGE_WARNING}
+  if clipped:
+    logging.warning(
+        "%s: the %s training views (config key 'data.image_size') keep only %s of the labelled "
+        "voxels; the model may not learn what it cannot see: a larger data.image_size (or a "
+        "coarser prepare --spacing) keeps more", modality,
+        "x".join(str(int(s)) for s in config.data.image_size),
+        ", ".join(f"{v:.0%} of {k}" for k, v in clipped.items()))
 
 
 def drop_labels(config: ml_collections.ConfigDict, train_cases: dict, workdir: pathlib.Path) -> dict:

@@ -203,6 +203,19 @@ def test_training_view_is_cut_around_the_body_not_the_centre():
     pipeline.prepare_case(volume, spec, (16, 16), crop="middle")
 
 
+def test_view_coverage_is_the_share_of_each_class_the_training_views_keep():
+  volume = _body_volume((60, 40, 3), centre=(45, 12), half=(8, 6))   # view rows 37..52, cols 4..19
+  volume.label[5:9, 30:34] = 2           # outside the view
+  volume.label[50:56, 10:12] = 3         # rows 50..52 of 50..55 inside: half of it
+  case = pipeline.prepare_case(volume, {"scheme": "none"}, (16, 16))
+  names = ("background", "organ", "outside", "edge", "absent")
+  coverage = pipeline.view_coverage([case], names)
+  assert coverage == {"organ": 1.0, "outside": 0.0, "edge": 0.5}     # 'absent': no voxel at all
+  unlabelled = dataclasses.replace(case, label=None)                 # a dropped label counts not
+  assert pipeline.view_coverage([case, unlabelled], names) == coverage
+  assert pipeline.view_coverage([unlabelled], names) == {}
+
+
 def test_a_stored_lps_volume_is_put_on_the_ras_grid_and_back_exactly():
   lps = np.diag([-1.5, -1.5, 4.0, 1.0])
   volume = _body_volume((20, 18, 4), centre=(12, 9), half=(5, 5), affine=lps)

@@ -347,6 +347,25 @@ def prepare_cases(volumes: Sequence[ds.Volume], normalization: Mapping,
           for v in volumes]
 
 
+def view_coverage(cases: Sequence[PreparedCase], class_names: Sequence[str]) -> dict[str, float]:
+  """Per foreground class, the fraction of its labelled voxels that the training views keep.
+
+  Training sees only each case's view (`image_size` cut around the body); inference sees the
+  whole slice. A class far below 1 is clipped by the view size: its examples are cut off at the
+  view's edge or missing, and the model may never learn it. Classes absent from every labelled
+  case, and unlabelled cases, are left out.
+  """
+  n = len(class_names)
+  kept, total = np.zeros(n, np.int64), np.zeros(n, np.int64)
+  for c in cases:
+    if c.label is None or c.grid_label is None:
+      continue
+    kept += np.bincount(c.label.ravel(), minlength=n)[:n]
+    total += np.bincount(c.grid_label.ravel(), minlength=n)[:n]
+  return {name: float(kept[i] / total[i]) for i, name in enumerate(class_names)
+          if i > 0 and total[i] > 0}
+
+
 def target_spacing_of(cases: Sequence[PreparedCase]) -> tuple[float, float] | None:
   """The in-plane spacing `prepare` resampled every case to; None for a dataset not prepared."""
   spacings = {c.source.target_spacing for c in cases if c.source is not None}
