@@ -91,24 +91,27 @@ def phantom_runs(steps: int, misalignment: float = 1.0) -> dict:
 
 
 def abdomen_runs(steps: int, data: str) -> dict:
-  """Zero-shot MR: MMSDNet with cross-subject CT partners and `joint`, 400 steps each."""
+  """Zero-shot MR: MMSDNet with cross-subject CT partners and `joint`, 800 steps each (--steps)."""
   runs = {}
   c = mmsdnet.get_config("label_fraction=0,target=mr,pairing=cross_subject")
   c.mmsdnet.num_candidates = 2   # CPU budget: two other subjects per slice
   common.use_prepared_data(c, data)
-  c.data.image_size = (96, 96)   # CPU size; inference tiles the larger slices (single input)
+  # CPU size; inference tiles the larger slices. At the 2 mm of the prepared set a 96 x 96 view
+  # kept only 37% of the CT spleen's labelled voxels (59% of the liver) and no run learnt the
+  # spleen; 128 x 128 keeps 77% (91%) and the data pipeline logs what each view size keeps.
+  c.data.image_size = (128, 128)
   c.data.normalization = ""      # the manifest's per-volume z-score for both
   c.mmsdnet.analysis = False
   runs["mmsdnet_cross_subject"] = c
   c = joint.get_config()
   common.use_prepared_data(c, data)
-  c.data.image_size = (96, 96)
+  c.data.image_size = (128, 128)
   c.data.normalization = ""
   c.data.target_modality = "mr"
   c.data.label_fraction = 0.0
   runs["joint"] = c
   for c in runs.values():
-    _set_steps(c, steps or 400)
+    _set_steps(c, steps or 800)
   return runs
 
 
