@@ -581,3 +581,34 @@ def test_the_trainer_moves_partners_with_their_slice_only_when_asked(setup, monk
     assert np.isfinite(losses[flag])
   # Same keys, same own-slice transforms: only the partners' rotation differs.
   assert losses[True] != losses[False]
+
+
+def test_padded_batches_cover_every_index_once_in_batches_of_one_shape():
+  batches = list(mmsdnet_eval.padded_batches(5, 2))
+  assert batches == [([0, 1], [0, 1]), ([2, 3], [2, 3]), ([4], [4, 4])]
+  assert list(mmsdnet_eval.padded_batches(4, 4)) == [([0, 1, 2, 3], [0, 1, 2, 3])]
+  assert list(mmsdnet_eval.padded_batches(0, 3)) == []
+
+
+def test_predict_multi_volume_labels_every_slice_whatever_the_batch_size(setup):
+  data = setup.data
+  case, partners = data.cases["test"]["mr"][0], data.cases["test"]["ct"]
+  partner_index = {c.subject: n for n, c in enumerate(partners)}
+  shapes = set()
+
+  def predict(state, images, modality, partner_images):
+    # A stand-in model: class 1 where the image is above its slice's mean, else 0.
+    shapes.add((images.shape, partner_images.shape))
+    above = images[..., 0] > images[..., 0].mean(axis=(1, 2), keepdims=True)
+    return np.stack([~above, above], axis=-1).astype(np.float32)
+
+  image = case.image
+  expected = (image > image.mean(axis=(0, 1), keepdims=True)).astype(np.uint8)
+  for batch_size in (1, 3, case.num_slices + 2):
+    shapes.clear()
+    labels = mmsdnet_eval.predict_multi_volume(
+        predict, None, case, partners, partner_index, modality="mr", partner_modality="ct",
+        case_pos=0, pairing="expert", k=1, window=2, batch_size=batch_size)
+    np.testing.assert_array_equal(labels, expected)
+    h, w = image.shape[:2]
+    assert shapes == {((batch_size, h, w, 1), (batch_size, 1, h, w, 1))}  # one shape, padded

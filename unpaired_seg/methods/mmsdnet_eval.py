@@ -71,24 +71,28 @@ def _multi_predictor(method):
   return predict
 
 
+def padded_batches(count: int, batch_size: int):
+  """Yields (indices, padded indices) over range(count) in batches of batch_size; the last batch
+  repeats its last index up to batch_size, so every batch has one shape and jit compiles once."""
+  for start in range(0, count, batch_size):
+    indices = list(range(start, min(start + batch_size, count)))
+    yield indices, indices + [indices[-1]] * (batch_size - len(indices))
+
+
 def predict_multi_volume(predict, state, case, partner_cases, partner_index, *, modality: str,
                          partner_modality: str, case_pos: int, pairing: str, k: int, window: int,
                          batch_size: int) -> np.ndarray:
   """uint8 [h, w, Z] labels of the training view of `case`, each slice fused with its partners."""
   z_count = case.num_slices
   labels = np.zeros(case.image.shape[:2] + (z_count,), np.uint8)
-  for z0 in range(0, z_count, batch_size):
-    zs = list(range(z0, min(z0 + batch_size, z_count)))
+  for zs, take in padded_batches(z_count, batch_size):
     images, partners = [], []
-    for z in zs:
+    for z in take:
       row = pairing_lib.candidates(pairing, k, window, case, case_pos, z, partner_cases,
                                    partner_index, partner_modality, rng=None)
       images.append(pipeline.slice_stack(case.image, np.array([z]), 0)[0])
       partners.append(np.stack([pipeline.slice_stack(partner_cases[c].image, np.array([s]), 0)[0]
                                 for c, s in row]))
-    pad = batch_size - len(zs)  # one batch shape: one compile
-    images += [images[-1]] * pad
-    partners += [partners[-1]] * pad
     probs = predict(state, np.stack(images).astype(np.float32), modality,
                     np.stack(partners).astype(np.float32))
     labels[:, :, zs] = np.moveaxis(np.argmax(probs[:len(zs)], axis=-1), 0, -1)
@@ -184,10 +188,7 @@ def evaluate_alignment(method, state, data, config) -> dict:
       rows = [pairing_lib.candidates(s.pairing, 1, s.pair_window, case, pos, z, partners,
                                      partner_index, i, rng=None)[0]
               for z in range(case.num_slices)]
-      for z0 in range(0, case.num_slices, batch_size):
-        zs = list(range(z0, min(z0 + batch_size, case.num_slices)))
-        pad = batch_size - len(zs)  # one batch shape: one compile
-        take = zs + [zs[-1]] * pad
+      for zs, take in padded_batches(case.num_slices, batch_size):
         image = np.stack([case.image[:, :, z, None] for z in take]).astype(np.float32)
         partner = np.stack([partners[rows[z][0]].image[:, :, rows[z][1], None]
                             for z in take]).astype(np.float32)
