@@ -1,6 +1,7 @@
 """The trainer end to end on a tiny config: outputs, resume parity, NaN stop, checkpoints, sharding."""
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -187,3 +188,18 @@ def test_load_data_warns_when_the_training_views_clip_an_organ(phantom_root, tmp
   assert clipped and all("config key 'data.image_size'" in m for m in clipped), caplog.text
   coverage = train.pipeline.view_coverage(data.cases["train"]["mr"], data.class_names)
   assert min(coverage.values()) < train.VIEW_COVERAGE_WARNING
+
+
+def test_checkpoints_under_a_relative_workdir_are_saved_and_restored(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)   # as `--workdir=runs/mmsdnet` from the repository root
+  state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "step": np.array(3, np.int32)}
+  manager = train.Checkpoints(pathlib.Path("runs") / "job", keep=2)
+  manager.save_latest(3, state, force=True)
+  manager.save_best(3, state, val_dice=0.5)
+  manager.wait()
+  for which in ("latest", "best"):
+    restored, step = manager.restore(which, state)
+    assert step == 3
+    np.testing.assert_array_equal(restored["w"], state["w"])
+  manager.close()
+  assert (tmp_path / "runs" / "job" / "checkpoints" / "latest" / "3").is_dir()

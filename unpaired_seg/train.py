@@ -315,7 +315,8 @@ class Checkpoints:
   """The latest N checkpoints and the best one by validation Dice, each written atomically."""
 
   def __init__(self, workdir: pathlib.Path, keep: int):
-    root = workdir / "checkpoints"
+    # Orbax's background commit rejects a relative path, as in `--workdir=runs/mmsdnet`.
+    root = pathlib.Path(workdir).absolute() / "checkpoints"
     self.latest = ocp.CheckpointManager(
         root / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
     self.best = ocp.CheckpointManager(
