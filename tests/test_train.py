@@ -82,8 +82,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     phantom_root, tmp_path, monkeypatch):
   real = train.make_train_step
 
-  def poisoned(method, config):
-    step = real(method, config)
+  def poisoned(method, config, variant=None):
+    step = real(method, config, variant)
 
     def wrapped(state, batch):
       state, metrics = step(state, batch)

@@ -155,6 +155,11 @@ SCHEMA: dict[str, Any] = {
         "eval_every": positive_int(),
         "checkpoint_every": positive_int(),
         "keep_checkpoints": positive_int(),
+        # 'auto' (the user's cache folder), 'off', or a folder (see compile_cache.py).
+        "compilation_cache": STRING,
+        # float32, or bfloat16 for the networks' arithmetic (parameters, optimiser state and
+        # the losses' reductions stay float32).
+        "compute_dtype": choice("float32", "bfloat16"),
     },
     "eval": {
         "batch_size": positive_int(),

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from unpaired_seg import config_schema
+from unpaired_seg import compile_cache, config_schema
 from unpaired_seg import evaluate as evaluate_lib
 from unpaired_seg import methods
 from unpaired_seg import rng
@@ -47,6 +47,7 @@ class TrainingDiverged(FloatingPointError):
 def setup_workdir(config: ml_collections.ConfigDict, workdir: os.PathLike) -> pathlib.Path:
   """Validates the config, creates the workdir, logs to a file there and writes config.json."""
   config_schema.validate(config, methods.REGISTRY)
+  cache = compile_cache.configure(config.train.compilation_cache)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   _log_to_file(workdir)
@@ -55,6 +56,7 @@ def setup_workdir(config: ml_collections.ConfigDict, workdir: os.PathLike) -> pa
   logging.info("config:\n%s", config)
   logging.info("JAX %s, process %d of %d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
+  logging.info("persistent compilation cache: %s", cache or "off")
   return workdir
 
 
@@ -280,8 +282,11 @@ def replicate(tree, mesh: Mesh):
 # Update step.
 # =============================================================================================
 
-def make_train_step(method, config: ml_collections.ConfigDict):
-  """The jitted update: on-device augmentation, then the method's own step. State is donated."""
+def make_train_step(method, config: ml_collections.ConfigDict, variant=None):
+  """The jitted update: on-device augmentation, then the method's own step. State is donated.
+
+  `variant` is one of `method.step_variants()`, a static choice made on the host.
+  """
   aug = config.data.augment
   seed = config.seed
   # A method whose batches carry partner slices ('partner_image' [B, k, H, W, C]) may ask for them
@@ -302,9 +307,14 @@ def make_train_step(method, config: ml_collections.ConfigDict):
         if with_partners and "partner_image" in batch[m]:
           batch[m]["partner_image"] = augment_lib.augment_partners(
               key_m, batch[m]["partner_image"], **settings)
-    return method.train_step(state, batch, method_rng)
+    return method.train_step(state, batch, method_rng, variant)
 
   return jax.jit(step_fn, donate_argnums=(0,))
+
+
+def make_train_steps(method, config: ml_collections.ConfigDict) -> dict:
+  """One jitted update per step variant of the method, keyed by variant (see methods.base)."""
+  return {v: make_train_step(method, config, v) for v in method.step_variants()}
 
 
 # =============================================================================================
@@ -458,7 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike) 
     logging.info("resumed from step %d of %s", start, checkpoints.latest.directory)
   start = int(start or 0)
   state = replicate(state, mesh)
-  train_step = make_train_step(method, config)
+  train_steps = make_train_steps(method, config)
   predictor = evaluate_lib.make_predictor(method)
   writer = MetricWriter(workdir, resume_step=start)
   chrono = Chrono(start, config.train.steps)
@@ -469,7 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike) 
   try:
     for step in range(start + 1, total + 1):
       batch = shard_batch(host_batch(data, step - 1, method), mesh)
-      state, step_metrics = train_step(state, batch)
+      state, step_metrics = train_steps[method.variant_of_step(step - 1)](state, batch)
       chrono.tick(step)
       log_now = step % config.train.log_every == 0 or step == total
       save_now = step % config.train.checkpoint_every == 0 or step == total

@@ -47,7 +47,7 @@ import optax
 
 from unpaired_seg import config_schema as cs
 from unpaired_seg.methods import mmsdnet_pairing as pairing_lib
-from unpaired_seg.methods.base import count_parameters
+from unpaired_seg.methods.base import Method, count_parameters
 from unpaired_seg.nn import disentangle
 from unpaired_seg.nn import discriminators as disc_lib
 from unpaired_seg.nn import stn as stn_lib
@@ -282,7 +282,7 @@ class _Stack:
 # ================================================================================================
 
 
-class MMSDNet:
+class MMSDNet(Method):
   """The disentangle-align-fuse method; `config.mmsdnet` chooses the conference or journal model."""
 
   def __init__(self, config: ml_collections.ConfigDict, num_classes: int,
@@ -708,8 +708,13 @@ class MMSDNet:
         opt_state={**state.opt_state, "image_disc": opt})
     return state, loss
 
-  def train_step(self, state: MMSDNetState, batch: dict, rng: jax.Array):
+  def extra_batch_shapes(self, image_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Each slice's k partner candidates of the other modality."""
+    return {"partner_image": (self.k,) + tuple(image_shape)}
+
+  def train_step(self, state: MMSDNetState, batch: dict, rng: jax.Array, variant=None):
     """Generator, then mask discriminator, then image discriminators; then the SWA average."""
+    del variant  # one compiled step
     state, metrics, fakes = self.generator_update(state, batch, rng)
     real, real_weight = self.real_masks(batch)
     state, metrics["mask_disc_loss"] = self.mask_disc_update(state, real, real_weight,

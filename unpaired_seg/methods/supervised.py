@@ -28,9 +28,10 @@ Training regimes (`train.regime`):
   mixed      every step sees a batch of every modality (UMMKD, CSA: 8 + 8) and sums their losses.
   alternate  one modality per step, in `data.modalities` order: step s trains modality
              s mod M (DualStream: one MR step, then one CT step). The batch still holds every
-             modality (the host batch stays a pure function of the step, so resuming is exact)
-             and the step is jitted once: `lax.switch` on the step picks the branch that runs
-             the active modality's forward and backward pass only. As an optimiser that skips
+             modality (the host batch stays a pure function of the step, so resuming is exact);
+             the trainer compiles one step per modality (`step_variants`) and picks the step's
+             on the host (`variant_of_step`), which runs that modality's forward and backward
+             pass only. As an optimiser that skips
              variables without a gradient (TF's Adam), the inactive modality's per-modality
              kernels, norm parameters, their Adam moments and its running statistics are left
              exactly as they were; shared kernels take an ordinary Adam step.
@@ -51,7 +52,7 @@ import numpy as np
 import optax
 
 from unpaired_seg import rng as rng_lib
-from unpaired_seg.methods.base import count_parameters
+from unpaired_seg.methods.base import Method, count_parameters
 from unpaired_seg.nn.norms import norm_collection, stats_collection
 from unpaired_seg.nn.presets import SHARING_PRESETS, sharing_preset
 from unpaired_seg.nn.registry import build_network, network_blocks
@@ -148,7 +149,7 @@ def _select_params_like(new, old, keep, params_def):
   return new
 
 
-class Supervised:
+class Supervised(Method):
   """Dice + CE on every labelled slice, with optional KD, (class-specific) affinity and L2.
 
   Args:
@@ -381,48 +382,57 @@ class Supervised:
       return False
     return jax.tree_util.tree_map_with_path(own, params)
 
-  def train_step(self, state: SupervisedState, batch: dict, rng: jax.Array):
+  def step_variants(self) -> tuple:
+    """The alternate regime compiles one step per modality; the mixed regime one step."""
+    return self.modalities if self.regime == "alternate" else (None,)
+
+  def variant_of_step(self, step: int):
+    """The step variant that trains step `step` (0-based: the state's step before the update)."""
+    return self.modalities[step % len(self.modalities)] if self.regime == "alternate" else None
+
+  def train_step(self, state: SupervisedState, batch: dict, rng: jax.Array, variant=None):
+    """One update. Alternate regime: `variant` is the modality to train (a static choice)."""
     if self.regime == "mixed":
       grads, (stats, metrics) = jax.grad(self.loss_fn, has_aux=True)(
           state.params, state.stats, batch, rng)
       updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
     else:
-      params, stats, opt_state, grads, metrics = self._alternate_update(state, batch, rng)
+      if variant not in self.modalities:
+        raise ValueError(f"train.regime='alternate' trains one modality per step: variant must "
+                         f"be one of {self.modalities} (variant_of_step), got {variant!r}")
+      params, stats, opt_state, grads, metrics = self._alternate_update(state, batch, rng,
+                                                                        variant)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return state.replace(step=state.step + 1, params=params, stats=stats,
                          opt_state=opt_state), metrics
 
-  def _alternate_update(self, state: SupervisedState, batch: dict, rng: jax.Array):
-    """One step on modality `step mod M`; the other modalities' own variables stay untouched."""
+  def _alternate_update(self, state: SupervisedState, batch: dict, rng: jax.Array,
+                        modality: str):
+    """One step on `modality`; the other modalities' own variables stay untouched.
+
+    The modality is chosen on the host (`variant_of_step`), one compiled step each: a
+    `lax.switch` on the traced step inside one executable ran many times slower on XLA:CPU.
+    """
+    m = modality
     params_def = jax.tree.structure(state.params)
-
-    def branch(i):
-      m = self.modalities[i]
-
-      def run(operands):
-        state, batch, rng = operands
-        grads, (stats, metrics) = jax.grad(self.loss_fn, has_aux=True)(
-            state.params, state.stats, batch, rng, (m,))
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # Every modality but m keeps its own leaves (kernels, norm parameters, Adam moments).
-        others = [self.modality_mask(state.params, o) for o in self.modalities if o != m]
-        keep = jax.tree.map(lambda *flags: jnp.asarray(any(flags)), *others) if others else \
-            jax.tree.map(lambda _: jnp.asarray(False), state.params)
-        params = jax.tree.map(lambda n, o, k: jnp.where(k, o, n), params, state.params, keep)
-        opt_state = _select_params_like(opt_state, state.opt_state, keep, params_def)
-        out = {"loss": metrics["loss"], "active_modality": jnp.asarray(i, jnp.float32)}
-        for o in self.modalities:
-          out[f"seg_{o}"] = metrics.get(f"seg_{o}", jnp.zeros((), jnp.float32))
-        if "weight_decay" in metrics:
-          out["weight_decay"] = metrics["weight_decay"]
-        return params, stats, opt_state, grads, out
-      return run
-
-    index = state.step % len(self.modalities)
-    return jax.lax.switch(index, [branch(i) for i in range(len(self.modalities))],
-                          (state, batch, rng))
+    grads, (stats, metrics) = jax.grad(self.loss_fn, has_aux=True)(
+        state.params, state.stats, batch, rng, (m,))
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # Every modality but m keeps its own leaves (kernels, norm parameters, Adam moments).
+    others = [self.modality_mask(state.params, o) for o in self.modalities if o != m]
+    keep = jax.tree.map(lambda *flags: jnp.asarray(any(flags)), *others) if others else \
+        jax.tree.map(lambda _: jnp.asarray(False), state.params)
+    params = jax.tree.map(lambda n, o, k: jnp.where(k, o, n), params, state.params, keep)
+    opt_state = _select_params_like(opt_state, state.opt_state, keep, params_def)
+    out = {"loss": metrics["loss"],
+           "active_modality": jnp.asarray(self.modalities.index(m), jnp.float32)}
+    for o in self.modalities:
+      out[f"seg_{o}"] = metrics.get(f"seg_{o}", jnp.zeros((), jnp.float32))
+    if "weight_decay" in metrics:
+      out["weight_decay"] = metrics["weight_decay"]
+    return params, stats, opt_state, grads, out
 
 
 class PatchSupervised(Supervised):

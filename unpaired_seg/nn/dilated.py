@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from unpaired_seg.nn.resfcn import modality_norm, pad_channels
 from unpaired_seg.nn.sharing import NormSpec, Sharing, shared_or_per_modality
+from unpaired_seg.ops import resample
 
 UMMKD_WIDTHS = (16, 32, 64, 128, 256, 256, 512)
 UMMKD_UNITS = (1, 1, 2, 2, 2, 2, 2)
@@ -262,7 +263,7 @@ class DilatedResNet(nn.Module):
       x = block(f"enc{i}", x, group=group, train=train)
       self.sow("intermediates", f"enc{i}_features", x)
       if i < self.num_pools:
-        x = nn.max_pool(x, window, strides=window)
+        x = resample.max_pool(x, window)
     x = block("bottleneck", x, group=group, train=train)
     self.sow("intermediates", "bottleneck_features", x)
     x = block("dec1", x, group=group, train=train)

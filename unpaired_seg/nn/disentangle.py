@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from unpaired_seg.nn.norms import ModalityNorm
 from unpaired_seg.nn.sharing import NormSpec, Sharing, shared_or_per_modality
 from unpaired_seg.ops import binarize as binarize_ops
+from unpaired_seg.ops import resample
 
 # Keras' BatchNormalization defaults, which the authors' networks use.
 KERAS_BATCH_NORM = NormSpec(kind="batch", momentum=0.99, epsilon=1e-3)
@@ -230,7 +231,7 @@ class AnatomyEncoder(nn.Module):
     for level in range(self.depth):
       x = block(f"enc{level}", x, group, train)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = resample.max_pool(x, (2, 2))
     x = block("bottleneck", x, group, train)
     for level in reversed(range(self.depth)):
       x = block(f"dec{level}", x, skips[level], group, train)

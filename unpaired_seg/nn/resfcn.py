@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from unpaired_seg.nn.norms import ModalityNorm
 from unpaired_seg.nn.sharing import NormSpec, Sharing, shared_or_per_modality
 from unpaired_seg.nn.unet import Head
+from unpaired_seg.ops import resample
 
 
 def pad_channels(x: jax.Array, features: int) -> jax.Array:
@@ -98,7 +99,7 @@ class ResidualUnit(nn.Module):
 
     shortcut = x
     if any(s > 1 for s in self.strides):
-      shortcut = nn.max_pool(shortcut, self.strides, strides=self.strides, padding="VALID")
+      shortcut = resample.max_pool(shortcut, self.strides)
     if in_features < self.features:
       shortcut = pad_channels(shortcut, self.features)
     elif in_features > self.features:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unpaired_seg.ops import tps
+from unpaired_seg.ops import resample, tps
 
 # Keras' default kernel initialiser, which the authors' localisation net keeps.
 _glorot_uniform = nn.initializers.glorot_uniform()
@@ -71,7 +71,7 @@ class LocalisationNet(nn.Module):
                   name=f"conv{i}")(x)
       x = nn.leaky_relu(x, self.negative_slope)
       if i < 2:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+        x = resample.max_pool(x, (2, 2))
     x = x.reshape(x.shape[0], -1)  # [B, h * w * features]
     x = jnp.tanh(nn.Dense(self.hidden, kernel_init=_glorot_uniform, name="hidden")(x))
     offsets = nn.Dense(2 * num_points, kernel_init=nn.initializers.zeros,

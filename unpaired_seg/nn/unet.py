@@ -11,8 +11,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unpaired_seg.nn.layers import UpConv
 from unpaired_seg.nn.norms import ModalityNorm
 from unpaired_seg.nn.sharing import NormSpec, Sharing, shared_or_per_modality
+from unpaired_seg.ops import resample
 
 
 class ConvBlock(nn.Module):
@@ -43,7 +45,8 @@ class UpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: jax.Array, group: str, train: bool) -> jax.Array:
-    x = nn.ConvTranspose(self.features, (2,) * self.ndim, strides=(2,) * self.ndim, name="up")(x)
+    # The variables of nn.ConvTranspose(features, 2, strides=2), lowered as a matmul (see layers).
+    x = UpConv(self.features, (2,) * self.ndim, name="up")(x)
     x = jnp.concatenate([x, skip], axis=-1)
     return ConvBlock(self.features, self.norm, self.norm_groups, self.ndim, name="conv")(
         x, group, train)
@@ -113,7 +116,7 @@ class UNet(nn.Module):
     for level in range(self.depth):
       x = block(f"enc{level}", x, group=group, train=train)
       skips.append(x)
-      x = nn.max_pool(x, (2,) * self.ndim, strides=(2,) * self.ndim)
+      x = resample.max_pool(x, (2,) * self.ndim)
     x = block("bottleneck", x, group=group, train=train)
     self.sow("intermediates", "bottleneck_features", x)
     for level in reversed(range(self.depth)):
