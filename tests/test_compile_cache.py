@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from unpaired_seg import compile_cache
+from unpaired_seg import compile_cache, train
 
 
 @pytest.fixture
@@ -31,13 +31,17 @@ def test_off_turns_it_off(restore_jax_cache_settings):
 
 def test_auto_keeps_a_folder_jax_was_given(tmp_path, restore_jax_cache_settings):
   jax.config.update("jax_compilation_cache_dir", str(tmp_path / "given"))
-  assert compile_cache.configure("auto") == (tmp_path / "given").absolute()
+  path = compile_cache.configure("auto", default=tmp_path / "other")
+  assert path == (tmp_path / "given").absolute()
 
 
 def test_auto_defaults_to_the_user_cache_folder(tmp_path, monkeypatch, restore_jax_cache_settings):
   monkeypatch.setenv("UNPAIRED_SEG_CACHE", str(tmp_path / "user"))
   jax.config.update("jax_compilation_cache_dir", None)
-  assert compile_cache.configure("auto") == tmp_path / "user" / "jax_compilation_cache"
+  # The folder the trainer passes (train.setup_workdir).
+  default = train.default_cache_dir() / "jax_compilation_cache"
+  path = compile_cache.configure("auto", default=default)
+  assert path == tmp_path / "user" / "jax_compilation_cache"
 
 
 def test_an_unusable_folder_turns_the_cache_off_without_failing(tmp_path,

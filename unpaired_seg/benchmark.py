@@ -145,12 +145,11 @@ def run(config, steps: int, num_classes: int, matmul_rate: float | None = None) 
   predict_s = (time.perf_counter() - t0) / 5
 
   slices_per_step = config.train.batch_size * len(config.data.modalities)
-  if len(keys) > 1:   # one modality per step: each step trains one modality's slices
+  if config.train.regime == "alternate":   # each step trains one modality's slices
     slices_per_step = config.train.batch_size
   figures = {
       "method": config.method, "backend": jax.default_backend(), "devices": jax.device_count(),
       "image_size": list(config.data.image_size), "batch_per_modality": config.train.batch_size,
-      "compute_dtype": config.train.get("compute_dtype", "float32"),
       "parameters": method.parameter_counts(jax.device_get(state)).get("trainable_total"),
       "compiled_steps": len(keys),
       "init_s": round(init_s, 3), "lower_s": round(lower_s, 3), "compile_s": round(compile_s, 3),
@@ -208,11 +207,8 @@ def main(argv):
     rows = run_all(FLAGS.arg, FLAGS.steps, FLAGS.num_classes)
     table = markdown_table(rows)
     if FLAGS.out:
-      out = pathlib.Path(FLAGS.out)
-      out.parent.mkdir(parents=True, exist_ok=True)
-      tmp = out.with_name(f".{out.name}.tmp")
-      tmp.write_text(table)
-      tmp.replace(out)   # atomic: a reader never sees half a table
+      from unpaired_seg.data import pipeline
+      pipeline.write_text_atomic(FLAGS.out, table)
     print(table)
     return
   if FLAGS.config is None:

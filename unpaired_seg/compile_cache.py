@@ -3,8 +3,9 @@
 A second run of the same config (or a resumed one) loads its compiled steps from disk instead of
 compiling them again. `train.compilation_cache` (or the benchmark's `--compilation_cache`) chooses:
 
-  'auto'  a folder JAX was already given (JAX_COMPILATION_CACHE_DIR), else
-          $UNPAIRED_SEG_CACHE/jax_compilation_cache (default ~/.cache/unpaired_seg/...)
+  'auto'  a folder JAX was already given (JAX_COMPILATION_CACHE_DIR), else the caller's
+          default (the trainer's: $UNPAIRED_SEG_CACHE/jax_compilation_cache, by default under
+          ~/.cache/unpaired_seg)
   'off'   no persistent cache
   <path>  that folder
 
@@ -20,12 +21,8 @@ from absl import logging
 OFF = ("off", "none", "false", "0")
 
 
-def default_dir() -> pathlib.Path:
-  root = os.environ.get("UNPAIRED_SEG_CACHE", pathlib.Path.home() / ".cache" / "unpaired_seg")
-  return pathlib.Path(root) / "jax_compilation_cache"
-
-
-def configure(setting: str | None = "auto") -> pathlib.Path | None:
+def configure(setting: str | None = "auto",
+              default: os.PathLike | None = None) -> pathlib.Path | None:
   """Turns the cache on in the chosen folder (see the module docstring) or off; returns the folder.
 
   Every compiled program is kept, however quick its compilation: the trainer's evaluation and
@@ -37,7 +34,9 @@ def configure(setting: str | None = "auto") -> pathlib.Path | None:
     jax.config.update("jax_enable_compilation_cache", False)
     return None
   if setting == "auto":
-    path = jax.config.jax_compilation_cache_dir or default_dir()
+    path = jax.config.jax_compilation_cache_dir or default
+    if path is None:
+      raise ValueError("compile_cache.configure('auto') needs a default folder")
   else:
     path = setting
   path = pathlib.Path(path).expanduser().absolute()

@@ -47,7 +47,8 @@ class TrainingDiverged(FloatingPointError):
 def setup_workdir(config: ml_collections.ConfigDict, workdir: os.PathLike) -> pathlib.Path:
   """Validates the config, creates the workdir, logs to a file there and writes config.json."""
   config_schema.validate(config, methods.REGISTRY)
-  cache = compile_cache.configure(config.train.compilation_cache)
+  cache = compile_cache.configure(config.train.compilation_cache,
+                                  default=default_cache_dir() / "jax_compilation_cache")
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   _log_to_file(workdir)

@@ -532,17 +532,22 @@ def cases_in(cases: Sequence, splits: Mapping, part: str) -> list:
   return [c for c in cases if c.subject in set(splits["modalities"][c.modality][part])]
 
 
-def write_json_atomic(path: os.PathLike, obj) -> None:
+def write_text_atomic(path: os.PathLike, text: str) -> None:
+  """Writes `text` to a temporary file beside `path`, then renames it: never half a file."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write(text)
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def write_json_atomic(path: os.PathLike, obj) -> None:
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 # ---------------------------------------------------------------------------------------------
