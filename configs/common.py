@@ -114,6 +114,9 @@ def get_base_config(tiny: bool = False) -> ConfigDict:
   # Persistent compilation cache: 'auto' (~/.cache/unpaired_seg/jax_compilation_cache or
   # $UNPAIRED_SEG_CACHE/...), 'off', or a folder. A second run starts its first step in seconds.
   c.train.compilation_cache = "auto"
+  # 'bfloat16' for accelerators: the networks' arithmetic in bfloat16; parameters, optimiser
+  # state, normalisation statistics and the losses in float32 (ops/precision.py).
+  c.train.compute_dtype = "float32"
 
   c.eval = ConfigDict()
   c.eval.batch_size = 32              # tiles (slices) per prediction call (one compile)

@@ -150,6 +150,7 @@ def run(config, steps: int, num_classes: int, matmul_rate: float | None = None) 
   figures = {
       "method": config.method, "backend": jax.default_backend(), "devices": jax.device_count(),
       "image_size": list(config.data.image_size), "batch_per_modality": config.train.batch_size,
+      "compute_dtype": config.train.compute_dtype,
       "parameters": method.parameter_counts(jax.device_get(state)).get("trainable_total"),
       "compiled_steps": len(keys),
       "init_s": round(init_s, 3), "lower_s": round(lower_s, 3), "compile_s": round(compile_s, 3),

@@ -157,6 +157,8 @@ SCHEMA: dict[str, Any] = {
         "keep_checkpoints": positive_int(),
         # 'auto' (the user's cache folder), 'off', or a folder (see compile_cache.py).
         "compilation_cache": STRING,
+        # float32, or bfloat16 for the networks' arithmetic (ops/precision.py).
+        "compute_dtype": choice("float32", "bfloat16"),
     },
     "eval": {
         "batch_size": positive_int(),

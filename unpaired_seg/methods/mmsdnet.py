@@ -52,7 +52,7 @@ from unpaired_seg.nn import disentangle
 from unpaired_seg.nn import discriminators as disc_lib
 from unpaired_seg.nn import stn as stn_lib
 from unpaired_seg.nn.sharing import NormSpec
-from unpaired_seg.ops import losses, similarity, tps
+from unpaired_seg.ops import losses, precision, similarity, tps
 
 VARIANTS = ("mmsdnet", "dafnet")
 DECODERS = ("film", "spade")
@@ -317,6 +317,7 @@ class MMSDNet(Method):
                                              padding=s.disc_padding)
     self.use_image_disc = bool(s.image_disc)
     self.augment_partners = bool(s.augment_partners)   # read by the trainer's augmentation
+    self.compute_dtype = precision.compute_dtype(config.train.get("compute_dtype", "float32"))
     self.tx = {"generator": generator_optimizer(s.learning_rate.generator, s.learning_rate.stn),
                "mask_disc": optax.adam(s.learning_rate.mask_disc),
                "image_disc": optax.adam(s.learning_rate.image_disc)}
@@ -363,15 +364,24 @@ class MMSDNet(Method):
   # -- forward pieces -------------------------------------------------------------------------
   def _gen(self, params, stats, method, *args, train=False, rngs=None):
     """Applies one generator part; in training the batch-norm statistics are updated."""
+    params, args = self._cast_in(params, args)
     variables = {**params, **stats}
     fn = getattr(Generator, method)
     if method in ("anatomy", "segment"):
       args = args + (train,)
     if not train:
-      return self.generator.apply(variables, *args, method=fn, rngs=rngs), stats
+      return precision.to_float32(self.generator.apply(variables, *args, method=fn,
+                                                       rngs=rngs)), stats
     mutable = [k for k in stats if k.startswith("stats_")]
     out, updated = self.generator.apply(variables, *args, method=fn, rngs=rngs, mutable=mutable)
-    return out, {**stats, **updated}
+    return precision.to_float32(out), {**stats, **precision.to_float32(updated)}
+
+  def _cast_in(self, params, args):
+    """`train.compute_dtype`: the networks compute with cast copies of the float32 variables."""
+    if self.compute_dtype == jnp.float32:
+      return params, args
+    return (precision.cast_floating(params, self.compute_dtype),
+            precision.cast_floating(args, self.compute_dtype))
 
   def _align(self, params, stats, moving, fixed, active=None, values=None):
     """`values` (default: `moving`) warped with the transformer's displacements of `moving` onto
@@ -450,10 +460,13 @@ class MMSDNet(Method):
     return losses.dice_ce_loss(logits, labels, sample_weight=labelled)
 
   def _disc_scores(self, disc, params, stats, x, update: bool):
+    params, (x,) = self._cast_in(params, (x,))
     variables = {**params, **stats}
     if not update:
-      return disc.apply(variables, x), stats, jnp.zeros((), jnp.float32)
+      return disc.apply(variables, x).astype(jnp.float32), stats, jnp.zeros((), jnp.float32)
     scores, updated = disc.apply(variables, x, mutable=self._disc_mutable)
+    # The power-iteration vectors and penalties back in float32, as the state holds them.
+    scores, updated = precision.to_float32((scores, updated))
     penalty = disc_lib.collected_penalty(updated)
     new = {k: v for k, v in updated.items() if k != disc_lib.PENALTY_COLLECTION}
     return scores, {**stats, **new}, penalty

@@ -57,7 +57,7 @@ from unpaired_seg.nn.norms import norm_collection, stats_collection
 from unpaired_seg.nn.presets import SHARING_PRESETS, sharing_preset
 from unpaired_seg.nn.registry import build_network, network_blocks
 from unpaired_seg.nn.sharing import NormSpec, Sharing
-from unpaired_seg.ops import losses
+from unpaired_seg.ops import losses, precision
 
 REGIMES = ("mixed", "alternate")
 CLASS_WEIGHTS = ("none", "batch")
@@ -208,6 +208,7 @@ class Supervised(Method):
       raise ValueError(f"config key 'loss.csa_layers' must name two blocks (or be empty for "
                        f"the network's default), got {tuple(loss.csa_layers)}")
     self.tx = optax.adam(learning_rate_schedule(config), eps=config.train.adam_epsilon)
+    self.compute_dtype = precision.compute_dtype(config.train.get("compute_dtype", "float32"))
     # One forward pass over the concatenated modalities when nothing is per modality: that is the
     # mixed batch of UNet-both, with one set of batch statistics over all of it.
     self.mixed_batch = (not self.sharing.norm_per_modality and not self.sharing.per_modality_blocks
@@ -244,6 +245,10 @@ class Supervised(Method):
     Only the modality's own stats collection is mutable. `features` collects the sown
     'intermediates' (a dict `<block>_features` -> array), else it is None.
     """
+    if self.compute_dtype != jnp.float32:
+      # The float32 parameters stay the optimiser's; the network computes with a cast copy.
+      params = precision.cast_floating(params, self.compute_dtype)
+      image = image.astype(self.compute_dtype)
     variables = {**params, **stats}
     mutable = ["intermediates"] if features else []
     if train:
@@ -252,16 +257,16 @@ class Supervised(Method):
         mutable.append(stats_collection(group))
     rngs = {"dropout": rng} if (train and rng is not None) else None
     if not mutable:
-      return self.network.apply(variables, image, modality=modality, train=train, rngs=rngs), \
-          stats, None
+      logits = self.network.apply(variables, image, modality=modality, train=train, rngs=rngs)
+      return logits.astype(jnp.float32), stats, None
     logits, updated = self.network.apply(variables, image, modality=modality, train=train,
                                          mutable=mutable, rngs=rngs)
     updated = dict(updated)
     inter = updated.pop("intermediates", None)
     feats = None
     if features:
-      feats = {k: v[-1] for k, v in (inter or {}).items()}
-    return logits, {**stats, **updated}, feats
+      feats = precision.to_float32({k: v[-1] for k, v in (inter or {}).items()})
+    return logits.astype(jnp.float32), {**stats, **updated}, feats
 
   def predict(self, state: SupervisedState, image: jax.Array, modality: str) -> jax.Array:
     return self.apply(state.params, state.stats, image, modality, train=False)[0]

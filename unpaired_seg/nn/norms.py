@@ -60,6 +60,10 @@ class ModalityNorm(nn.Module):
       raise ValueError(f"norm group {group!r} is not one of this model's groups {tuple(self.groups)}")
     if self.kind == "none":
       return x
+    # Statistics and the affine map in float32 whatever the compute dtype (a bfloat16 mean and
+    # variance lose the digits that batch norm divides by); the output in the input's dtype.
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
     channels = x.shape[-1]
     if self.is_initializing():
       # Create every group's variables now, so each modality's tree exists and has one structure.
@@ -72,7 +76,8 @@ class ModalityNorm(nn.Module):
       y = self._batch_norm(x, stats, train)
     else:
       y = self._sample_norm(x)
-    return y * scale.value + bias.value
+    y = y * scale.value.astype(jnp.float32) + bias.value.astype(jnp.float32)
+    return y.astype(dtype)
 
   def _variables_of(self, group: str, channels: int):
     dtype = jnp.float32
