@@ -11,6 +11,7 @@ from configs import common, dafnet
 from unpaired_seg import methods, rng, train
 from unpaired_seg.nn.norms import ModalityNorm
 from unpaired_seg.ops import precision
+from tests.method_steps import traced_once_step, two_modality_batch as _batch
 
 
 def test_cast_floating_casts_floating_leaves_only():
@@ -43,19 +44,6 @@ def test_batch_norm_of_bfloat16_input_keeps_float32_statistics():
   chex.assert_trees_all_close(upd16, upd32, rtol=1e-2)
 
 
-def _batch(size=4):
-  r = np.random.default_rng(0)
-  out = {}
-  for i, m in enumerate(("mr", "ct")):
-    label = np.zeros((size, 32, 32), np.int32)
-    label[:, 8:20, 6:18] = 1 + i
-    label[:, 22:28, 20:30] = 3
-    image = label * (1.0 if m == "mr" else -1.0) + 0.3 * r.standard_normal(label.shape)
-    out[m] = {"image": image[..., None].astype(np.float32), "label": label,
-              "labelled": np.ones((size,), np.float32)}
-  return out
-
-
 def _joint(dtype):
   config = common.get_base_config(tiny=True)
   config.method = "joint"
@@ -67,13 +55,7 @@ def _joint(dtype):
 def test_joint_in_bfloat16_trains_with_float32_state_and_one_trace():
   method, batch = _joint("bfloat16"), _batch()
   state = method.init(rng.prng_key(0), batch)
-  chex.clear_trace_counter()
-
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def step(state, batch):
-    return method.train_step(state, batch, rng.prng_key(1))
-
+  step = traced_once_step(method)
   losses = []
   for _ in range(20):
     state, metrics = step(state, batch)

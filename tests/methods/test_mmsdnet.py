@@ -19,6 +19,7 @@ from unpaired_seg.methods import mmsdnet as mmsdnet_lib
 from unpaired_seg.methods import mmsdnet_eval
 from unpaired_seg.methods import mmsdnet_pairing as pairing_lib
 from unpaired_seg.ops import similarity, tps
+from tests.method_steps import traced_once_step
 
 SWA_START = 2
 
@@ -33,13 +34,7 @@ def setup(tmp_path_factory):
   method = methods.create(config, num_classes=len(data.class_names), modalities=data.modalities)
   batch = method.host_batch(data, 0)
   state = method.init(rng.prng_key(0), batch)
-  chex.clear_trace_counter()
-
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def step(state, batch):
-    return method.train_step(state, batch, rng.prng_key(1))
-
+  step = traced_once_step(method)
   return types.SimpleNamespace(config=config, data=data, method=method, batch=batch,
                                state=state, step=step)
 

@@ -1,6 +1,5 @@
 """The individual and joint plug-ins: sharing, loss falls, finite gradients, one trace."""
 
-import chex
 import jax
 import numpy as np
 import pytest
@@ -8,25 +7,15 @@ import pytest
 from configs import common
 from unpaired_seg import methods, rng
 from unpaired_seg.methods.base import count_parameters
+from tests.method_steps import traced_once_step, two_modality_batch
+
+_batch = two_modality_batch
 
 
 def _config(method):
   config = common.get_base_config(tiny=True)
   config.method = method
   return config
-
-
-def _batch(seed=0, size=4):
-  r = np.random.default_rng(seed)
-  out = {}
-  for i, m in enumerate(("mr", "ct")):
-    label = np.zeros((size, 32, 32), np.int32)
-    label[:, 8:20, 6:18] = 1 + i
-    label[:, 22:28, 20:30] = 3
-    image = (label * (1.0 if m == "mr" else -1.0) + 0.3 * r.standard_normal(label.shape))
-    out[m] = {"image": image[..., None].astype(np.float32), "label": label,
-              "labelled": np.ones((size,), np.float32)}
-  return out
 
 
 @pytest.mark.parametrize("name", ["individual", "joint"])
@@ -36,13 +25,7 @@ def test_loss_falls_with_finite_gradients_and_one_trace(name):
   method = methods.create(config, num_classes=5, modalities=("mr", "ct"))
   batch = _batch()
   state = method.init(rng.prng_key(0), batch)
-  chex.clear_trace_counter()  # the same nested function is traced once per parameter
-
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def step(state, batch):
-    return method.train_step(state, batch, rng.prng_key(1))
-
+  step = traced_once_step(method)
   losses = []
   for _ in range(20):
     state, metrics = step(state, batch)
