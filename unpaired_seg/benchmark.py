@@ -11,7 +11,8 @@ steady-state step. Figures: compile seconds, the step's median and quartiles ove
 steps, training slices per second, GFLOP per step from XLA's cost analysis, the achieved
 GFLOP/s, and that rate as a percentage of a jitted float32 matmul's measured in the same process
 (a ceiling for this machine that moves with its load, so the percentage is comparable across
-runs where raw times are not). Device memory where the backend reports it (GPU/TPU). The
+runs where raw times are not). `--profile` adds where the step's time goes, per XLA operation
+(`op_profile.py`). Device memory where the backend reports it (GPU/TPU). The
 persistent compilation cache is off here unless `--compilation_cache` names a folder, so that
 compile times are those of a first run.
 """
@@ -35,6 +36,8 @@ flags.DEFINE_bool("all", False, "Benchmark every config in configs/ and write a 
 flags.DEFINE_string("arg", "", "With --all: the `:arg` given to every config (e.g. 'tiny').")
 flags.DEFINE_string("out", "", "With --all: the markdown file to write (else printed only).")
 flags.DEFINE_string("compilation_cache", "", "A persistent compilation cache folder ('' = off).")
+flags.DEFINE_bool("profile", False, "Add the step's time per XLA operation (op_profile.py) to the "
+                  "figures: by pass and operation, and the slowest instructions.")
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -101,7 +104,8 @@ def _flops(compiled) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
-def run(config, steps: int, num_classes: int, matmul_rate: float | None = None) -> dict:
+def run(config, steps: int, num_classes: int, matmul_rate: float | None = None,
+        profile: bool = False) -> dict:
   """Times compilation and `steps` update steps, and a batch of slice predictions."""
   from unpaired_seg import methods, rng, train  # after flag parsing
   mesh = train.make_mesh()
@@ -133,6 +137,10 @@ def run(config, steps: int, num_classes: int, matmul_rate: float | None = None) 
     if i:
       times.append(time.perf_counter() - t0)
   times = np.asarray(times if times else [float("nan")])
+  op_times = None
+  if profile:
+    from unpaired_seg import op_profile
+    state, op_times = op_profile.profile_compiled(compiled[keys[0]], state, batch)
   step_s = float(np.median(times))
 
   predictor = jax.jit(lambda s, x: method.predict(s, x, config.data.modalities[0]))
@@ -169,6 +177,8 @@ def run(config, steps: int, num_classes: int, matmul_rate: float | None = None) 
     if matmul_rate:
       figures["matmul_gflop_per_s"] = round(matmul_rate, 1)
       figures["percent_of_matmul"] = round(100 * gflop / step_s / matmul_rate, 1)
+  if op_times is not None:
+    figures["profile"] = op_times
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     figures["peak_device_memory_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
@@ -203,6 +213,9 @@ def run_all(arg: str, steps: int, num_classes: int) -> list[dict]:
 def main(argv):
   del argv
   from unpaired_seg import compile_cache
+  if FLAGS.profile:
+    from unpaired_seg import op_profile
+    op_profile.enable()   # before the backend starts
   compile_cache.configure(FLAGS.compilation_cache or "off")
   if FLAGS.all:
     rows = run_all(FLAGS.arg, FLAGS.steps, FLAGS.num_classes)
@@ -214,7 +227,8 @@ def main(argv):
     return
   if FLAGS.config is None:
     raise app.UsageError("--config is required (or --all)")
-  figures = run(FLAGS.config, FLAGS.steps, FLAGS.num_classes, matmul_rate=matmul_gflops())
+  figures = run(FLAGS.config, FLAGS.steps, FLAGS.num_classes, matmul_rate=matmul_gflops(),
+                profile=FLAGS.profile)
   print(json.dumps(figures))  # the command's output
   sys.stdout.flush()
 
