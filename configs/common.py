@@ -67,7 +67,26 @@ def get_base_config(tiny: bool = False) -> ConfigDict:
   # the training split) or 'ct=clip_zscore:-200:300'; '' keeps the manifest's.
   c.data.normalization = ""
   c.data.crop = "body"                # training view cut around the body ('body') or the centre
-  c.data.augment = ConfigDict(dict(enabled=True, rotate_deg=15.0, scale=(0.9, 1.1), flip=False))
+  # On-device augmentation (data/augment.py, data/intensity.py): nnU-Net's transforms, probabilities
+  # (per sample) and ranges. Spatial ones move image and label alike, intensity ones the image only.
+  c.data.augment = ConfigDict(dict(
+      enabled=True,
+      rotate_deg=180.0, p_rotate=0.2,     # angle uniform in +-rotate_deg (nnU-Net 2D: 180)
+      scale=(0.7, 1.4), p_scale=0.2,      # content zoom; shrinking and enlarging equally likely
+      # Elastic deformation, off as in nnU-Net: uniform noise smoothed by a Gaussian of sigma (pixels),
+      # times alpha.
+      elastic=False, p_elastic=0.2, elastic_alpha=(0.0, 200.0), elastic_sigma=(9.0, 13.0),
+      # Mirroring, each listed axis (0 up-down, 1 left-right) with p_mirror. None by default: left and
+      # right kidney are different classes. flip=True is the older switch for axis 1.
+      mirror_axes=(), p_mirror=0.5, flip=False,
+      # nnU-Net's noise_variance=(0, 0.1) reaches np.random.normal as the standard deviation.
+      p_noise=0.1, noise_std=(0.0, 0.1),
+      p_blur=0.2, blur_sigma=(0.5, 1.0),                  # Gaussian sigma in pixels
+      p_brightness=0.15, brightness=(0.75, 1.25),         # multiplier
+      p_contrast=0.15, contrast=(0.75, 1.25),             # about the mean, clipped to [min, max]
+      p_lowres=0.25, lowres_zoom=(0.5, 1.0),              # nearest down, linear up
+      p_gamma=0.3, p_gamma_inverted=0.1, gamma=(0.7, 1.5), gamma_retain_stats=True,
+  ))
 
   c.model = ConfigDict()
   c.model.name = "unet"

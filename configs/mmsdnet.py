@@ -38,8 +38,10 @@ def build(arg, variant: str):
       raise ValueError("configs/mmsdnet.py: argument 'misalignment' needs a paired phantom, not "
                        f"pairing={args.pairing}")
     data.phantom.pair_misalignment = float(args.misalignment)
-  data.augment.rotate_deg = 20.0          # the authors' only augmentation
-  data.augment.scale = (1.0, 1.0)
+  # The authors' only augmentation: every slice rotated within +-20 degrees, nothing else.
+  data.augment.update(rotate_deg=20.0, p_rotate=1.0, scale=(1.0, 1.0), p_scale=0.0, p_noise=0.0,
+                      p_blur=0.0, p_brightness=0.0, p_contrast=0.0, p_lowres=0.0, p_gamma=0.0,
+                      p_gamma_inverted=0.0)
   if args.label_fraction < 1.0:
     data.target_modality = args.target
     data.label_fraction = args.label_fraction

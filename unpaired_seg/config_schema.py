@@ -65,10 +65,15 @@ def str_tuple() -> Field:
   return Field((tuple, list), lambda v: all(isinstance(i, str) for i in v), "a sequence of strings")
 
 
-def number_pair() -> Field:
-  return Field((tuple, list),
-               lambda v: len(v) == 2 and all(isinstance(i, (int, float)) for i in v) and v[0] <= v[1],
-               "a pair (low, high) of numbers")
+def number_pair(lo: float = float("-inf"), hi: float = float("inf"), positive: bool = False) -> Field:
+  """(low, high) with low <= high, both in [lo, hi] (and > 0 where `positive`)."""
+  def ok(v):
+    return (len(v) == 2 and all(isinstance(i, (int, float)) and not isinstance(i, bool)
+                                and lo <= i <= hi and (i > 0 or not positive) for i in v)
+            and v[0] <= v[1])
+  bounds = "" if (lo, hi) == (float("-inf"), float("inf")) else f" in [{lo}, {hi}]"
+  return Field((tuple, list), ok,
+               f"a pair (low, high) of {'positive ' if positive else ''}numbers{bounds}")
 
 
 BOOL = Field((bool,))
@@ -101,9 +106,26 @@ SCHEMA: dict[str, Any] = {
         "crop": choice("body", "centre"),
         "augment": {
             "enabled": BOOL,
+            # Each p_* is a per-sample probability; ranges are (low, high) of a uniform draw.
+            **{f"p_{name}": number(0.0, 1.0) for name in (
+                "rotate", "scale", "elastic", "mirror", "noise", "blur", "brightness", "contrast",
+                "lowres", "gamma", "gamma_inverted")},
             "rotate_deg": number(0.0, 180.0),
-            "scale": number_pair(),
+            "scale": number_pair(positive=True),
+            "elastic": BOOL,
+            "elastic_alpha": number_pair(0.0),
+            "elastic_sigma": number_pair(positive=True),
+            "mirror_axes": Field((tuple, list), lambda v: len(set(v)) == len(v) and all(
+                isinstance(a, int) and not isinstance(a, bool) and a in (0, 1) for a in v),
+                "distinct axes from (0, 1)"),
             "flip": BOOL,
+            "noise_std": number_pair(0.0),
+            "blur_sigma": number_pair(positive=True),
+            "brightness": number_pair(0.0),
+            "contrast": number_pair(0.0),
+            "lowres_zoom": number_pair(0.0, 1.0, positive=True),
+            "gamma": number_pair(positive=True),
+            "gamma_retain_stats": BOOL,
         },
     },
     "model": {

@@ -293,24 +293,33 @@ def make_train_step(method, config: ml_collections.ConfigDict, variant=None):
   # A method whose batches carry partner slices ('partner_image' [B, k, H, W, C]) may ask for them
   # to move with their own slice's transform, so that augmentation keeps each pair's alignment.
   with_partners = bool(getattr(method, "augment_partners", False))
+  settings = augment_lib.Settings.from_config(aug) if aug.enabled else None
 
   def step_fn(state, batch):
     key = jax.random.fold_in(rng.prng_key(seed), state.step)
     aug_rng, method_rng = jax.random.split(key)
-    if aug.enabled:
-      batch = dict(batch)
-      for i, m in enumerate(sorted(batch)):
-        settings = dict(rotate_deg=aug.rotate_deg, scale=tuple(aug.scale), flip=aug.flip)
-        key_m = jax.random.fold_in(aug_rng, i)
-        image, label = augment_lib.augment_batch(key_m, batch[m]["image"], batch[m]["label"],
-                                                 **settings)
-        batch[m] = {**batch[m], "image": image, "label": label}
-        if with_partners and "partner_image" in batch[m]:
-          batch[m]["partner_image"] = augment_lib.augment_partners(
-              key_m, batch[m]["partner_image"], **settings)
+    if settings is not None:
+      batch = augment_on_device(aug_rng, batch, settings, with_partners)
     return method.train_step(state, batch, method_rng, variant)
 
   return jax.jit(step_fn, donate_argnums=(0,))
+
+
+def augment_on_device(key: jax.Array, batch: dict, settings, with_partners: bool) -> dict:
+  """The train step's augmentation of every modality's batch (traced inside the step).
+
+  With `with_partners`, a batch's 'partner_image' slices get their own slice's spatial transform.
+  """
+  batch = dict(batch)
+  for i, m in enumerate(sorted(batch)):
+    key_m = jax.random.fold_in(key, i)
+    image, label = augment_lib.augment_batch(key_m, batch[m]["image"], batch[m]["label"],
+                                             settings)
+    batch[m] = {**batch[m], "image": image, "label": label}
+    if with_partners and "partner_image" in batch[m]:
+      batch[m]["partner_image"] = augment_lib.augment_partners(
+          key_m, batch[m]["partner_image"], settings)
+  return batch
 
 
 def make_train_steps(method, config: ml_collections.ConfigDict) -> dict:
