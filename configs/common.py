@@ -125,7 +125,20 @@ def get_base_config(tiny: bool = False) -> ConfigDict:
   c.train.adam_epsilon = 1e-8
   c.train.patch_slices = 8            # 3D networks (model.ndim=3): patches of image_size x this
   c.train.learning_rate = 2e-3
+  # Optimiser and schedule of the supervised methods (unpaired_seg/optim.py; MMSDNet has its own).
+  # nnU-Net's: optimizer='sgd', momentum=0.99, lr_schedule='poly', learning_rate=1e-2,
+  # grad_clip=12 (and loss.weight_decay=3e-5).
+  c.train.optimizer = "adam"          # 'adam', 'adamw' (decoupled decay on kernels) or 'sgd'
+  c.train.momentum = 0.99             # sgd: Nesterov momentum
+  c.train.adamw_weight_decay = 1e-4   # adamw: decoupled weight decay (times the learning rate)
+  c.train.grad_clip = 0.0             # clip gradients to this global norm; 0 = off
+  c.train.lr_schedule = "exponential"  # or 'poly': lr * (1 - step / steps) ** lr_poly_exponent
   c.train.lr_decay = ConfigDict(dict(rate=1.0, every=1000))  # lr * rate ** (step / every)
+  c.train.lr_poly_exponent = 0.9
+  c.train.lr_warmup_steps = 0         # linear ramp up to learning_rate, then the schedule
+  # Exponential moving average of the weights (and norm statistics), bias-corrected; validation,
+  # the best checkpoint and the test use it. 0 = off; e.g. 0.999.
+  c.train.ema_decay = 0.0
   c.train.log_every = 50
   c.train.eval_every = 250
   c.train.checkpoint_every = 250

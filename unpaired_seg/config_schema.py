@@ -172,7 +172,16 @@ SCHEMA: dict[str, Any] = {
         "patch_slices": positive_int(),             # 3D networks: slices per training patch
         "learning_rate": number(0.0),
         "adam_epsilon": Field((int, float), lambda v: v > 0, "a number > 0"),
+        # Supervised methods' optimiser and schedule (optim.OPTIMIZERS, optim.SCHEDULES).
+        "optimizer": choice("adam", "adamw", "sgd"),
+        "momentum": Field((int, float), lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+        "adamw_weight_decay": number(0.0),
+        "grad_clip": number(0.0),                   # global norm; 0 = off
+        "lr_schedule": choice("exponential", "poly"),
         "lr_decay": {"rate": number(0.0, 1.0), "every": positive_int()},
+        "lr_poly_exponent": Field((int, float), lambda v: v > 0, "a number > 0"),
+        "lr_warmup_steps": non_negative_int(),
+        "ema_decay": Field((int, float), lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
         "log_every": positive_int(),
         "eval_every": positive_int(),
         "checkpoint_every": positive_int(),

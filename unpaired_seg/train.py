@@ -363,7 +363,14 @@ class Checkpoints:
     if step is None:
       return None, None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+    try:
+      return manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+    except ValueError as e:
+      # Orbax restores into the structure the config builds; its own message lists leaves only.
+      raise ValueError(
+          f"{manager.directory / str(step)}: the checkpoint does not fit the state this config "
+          f"builds; keys that shape the state (train.ema_decay, train.optimizer, "
+          f"train.grad_clip, model.*) may differ from the run that saved it. {e}") from e
 
   def wait(self) -> None:
     self.latest.wait_until_finished()

@@ -36,6 +36,11 @@ Training regimes (`train.regime`):
              kernels, norm parameters, their Adam moments and its running statistics are left
              exactly as they were; shared kernels take an ordinary Adam step.
 
+Optimiser and schedule (`train.optimizer`, `train.lr_schedule`, `train.grad_clip`, ...) are
+built by `unpaired_seg/optim.py`. `train.ema_decay` > 0 keeps an exponential moving average of
+the weights and the running statistics in the state (`SupervisedEMAState`); `predict`, and so
+validation, the best checkpoint's choice and the test, then use the averages.
+
   python -m unpaired_seg.main --config=configs/ummkd.py --workdir=runs/ummkd
   python -m unpaired_seg.main --config=configs/dualstream.py:variant=v2,tiny --workdir=/tmp/ds
 """
@@ -58,6 +63,8 @@ from unpaired_seg.nn.presets import SHARING_PRESETS, sharing_preset
 from unpaired_seg.nn.registry import build_network, network_blocks
 from unpaired_seg.nn.sharing import NormSpec, Sharing
 from unpaired_seg.ops import losses, precision
+# learning_rate_schedule: also importable from here, where it lived before optim.py.
+from unpaired_seg.optim import learning_rate_schedule, make_optimizer
 
 REGIMES = ("mixed", "alternate")
 CLASS_WEIGHTS = ("none", "batch")
@@ -69,6 +76,17 @@ class SupervisedState:
   params: dict      # trainable collections: 'params' and every 'norm_<group>'
   stats: dict       # running statistics: every 'stats_<group>'
   opt_state: optax.OptState
+
+
+@flax.struct.dataclass
+class SupervisedEMAState(SupervisedState):
+  """The state with `train.ema_decay` > 0: bias-corrected moving averages of params and stats.
+
+  A subclass rather than optional fields: orbax restores into the state's structure, and an
+  extra field (even None) would stop checkpoints saved without EMA from restoring.
+  """
+  ema_params: dict
+  ema_stats: dict
 
 
 def sharing_from_config(config: ml_collections.ConfigDict, modalities: Sequence[str],
@@ -100,12 +118,6 @@ def default_csa_layers(model_config: ml_collections.ConfigDict) -> tuple[str, st
     return encoders[-1], decoders[0]
   after = blocks[blocks.index("bottleneck") + 1]
   return "bottleneck", after
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  decay = config.train.lr_decay
-  return optax.exponential_decay(config.train.learning_rate, transition_steps=decay.every,
-                                 decay_rate=decay.rate)
 
 
 def labelled_class_weights(labels: jax.Array, labelled: jax.Array, num_classes: int) -> jax.Array:
@@ -207,7 +219,8 @@ class Supervised(Method):
     if self.use_csa and len(self.csa_layers) != 2:
       raise ValueError(f"config key 'loss.csa_layers' must name two blocks (or be empty for "
                        f"the network's default), got {tuple(loss.csa_layers)}")
-    self.tx = optax.adam(learning_rate_schedule(config), eps=config.train.adam_epsilon)
+    self.tx = make_optimizer(config.train, learning_rate_schedule(config.train))
+    self.ema_decay = float(config.train.ema_decay)
     self.compute_dtype = precision.compute_dtype(config.train.get("compute_dtype", "float32"))
     # One forward pass over the concatenated modalities when nothing is per modality: that is the
     # mixed batch of UNet-both, with one set of batch statistics over all of it.
@@ -222,8 +235,13 @@ class Supervised(Method):
     variables = init(rng, x)
     params = {k: v for k, v in variables.items() if not k.startswith(("stats_", "intermediates"))}
     stats = {k: v for k, v in variables.items() if k.startswith("stats_")}
-    return SupervisedState(step=jnp.zeros((), jnp.int32), params=params, stats=stats,
-                           opt_state=self.tx.init(params))
+    state = dict(step=jnp.zeros((), jnp.int32), params=params, stats=stats,
+                 opt_state=self.tx.init(params))
+    if not self.ema_decay:
+      return SupervisedState(**state)
+    # Copies: the trainer donates the state, and one buffer cannot be donated twice.
+    copy = functools.partial(jax.tree.map, lambda x: jnp.array(x, copy=True))
+    return SupervisedEMAState(**state, ema_params=copy(params), ema_stats=copy(stats))
 
   def parameter_counts(self, state: SupervisedState) -> dict[str, int]:
     counts = {k: count_parameters(v) for k, v in state.params.items()}
@@ -269,6 +287,8 @@ class Supervised(Method):
     return logits.astype(jnp.float32), {**stats, **updated}, feats
 
   def predict(self, state: SupervisedState, image: jax.Array, modality: str) -> jax.Array:
+    if self.ema_decay:
+      return self.apply(state.ema_params, state.ema_stats, image, modality, train=False)[0]
     return self.apply(state.params, state.stats, image, modality, train=False)[0]
 
   # -- losses ---------------------------------------------------------------------------------
@@ -395,6 +415,71 @@ class Supervised(Method):
     """The step variant that trains step `step` (0-based: the state's step before the update)."""
     return self.modalities[step % len(self.modalities)] if self.regime == "alternate" else None
 
+  def idle_mask(self, params: dict, active: str) -> dict:
+    """A params-shaped tree of Python bools: True on the own leaves of every modality but
+    `active`, the leaves an alternate step on `active` must leave as they are."""
+    others = [self.modality_mask(params, o) for o in self.modalities if o != active]
+    if not others:
+      return jax.tree.map(lambda _: False, params)
+    return jax.tree.map(lambda *flags: any(flags), *others)
+
+  def update_ema(self, state: SupervisedEMAState, variant=None) -> SupervisedEMAState:
+    """Moves the averages toward the state's updated params and stats (after the optimiser).
+
+    Bias-corrected, as Adam's moments, per leaf: at a leaf's n-th update, with d =
+    train.ema_decay, ema <- (1 - w_n) ema + w_n p, w_n = (1 - d) / (1 - d**n). The stored average
+    is then sum_i d**(n-i) p_i / sum_i d**(n-i) over the leaf's own values so far, with no zero
+    start to correct at prediction time: w_1 = 1 (the first average is the first trained value,
+    the initial weights drop out), w_n -> 1 - d. A warm-up of the decay (TF's
+    min(d, (1+n)/(10+n))) would keep a share of the random initial weights for long and add a
+    second constant.
+
+    n is the leaf's own count of updates: the step for the mixed regime and shared leaves; in
+    the alternate regime a modality's own leaves count its steps only, and the other
+    modalities' own leaves keep their average bit for bit (a static choice, no arithmetic on
+    them: their raw values did not change, yet averaging toward them would still move it).
+
+    The running statistics are averaged too, rather than paired raw with averaged weights: they
+    follow the raw weights of the last ~1 / (1 - model.norm.momentum) steps, the averaged weights
+    span ~1 / (1 - d), and statistics averaged over that span go with them (as timm's ModelEmaV2
+    averages the buffers).
+
+    Args:
+      state: the state after the optimiser update, step already incremented.
+      variant: the alternate regime's trained modality; None for the mixed regime.
+    """
+    # float32 throughout, so that w_1 is exactly 1 (a float64 1 - d over a float32 one is not).
+    d = jnp.float32(self.ema_decay)
+
+    def mover(n):
+      w = (1 - d) / (1 - jnp.power(d, n.astype(jnp.float32)))
+      return lambda ema, raw: (1 - w) * ema + w * raw
+
+    t = state.step
+    if variant is None:      # every leaf and every statistic is trained at every step
+      move = mover(t)
+      return state.replace(ema_params=jax.tree.map(move, state.ema_params, state.params),
+                           ema_stats=jax.tree.map(move, state.ema_stats, state.stats))
+
+    def updates(m):          # steps of modality m among the t so far (m trains steps s = i mod M)
+      return (t - 1 - self.modalities.index(m)) // len(self.modalities) + 1
+
+    move_own, move_shared = mover(updates(variant)), mover(t)
+    own = self.modality_mask(state.params, variant)
+    idle = self.idle_mask(state.params, variant)
+    ema_params = jax.tree.map(
+        lambda e, p, o, i: e if i else (move_own if o else move_shared)(e, p),
+        state.ema_params, state.params, own, idle)
+    # Only the trained modality's norm group's statistics changed; a group shared by several
+    # modalities counts all their steps.
+    group = self.sharing.norm_group(variant)
+    move_stats = mover(sum(updates(m) for m in self.modalities
+                           if self.sharing.norm_group(m) == group))
+    ema_stats = {k: jax.tree.map(move_stats, v, state.stats[k])
+                 if k == stats_collection(group) else v
+                 for k, v in state.ema_stats.items()}
+    return state.replace(ema_params=ema_params, ema_stats=ema_stats)
+
   def train_step(self, state: SupervisedState, batch: dict, rng: jax.Array, variant=None):
     """One update. Alternate regime: `variant` is the modality to train (a static choice)."""
     if self.regime == "mixed":
@@ -409,8 +494,10 @@ class Supervised(Method):
       params, stats, opt_state, grads, metrics = self._alternate_update(state, batch, rng,
                                                                         variant)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return state.replace(step=state.step + 1, params=params, stats=stats,
-                         opt_state=opt_state), metrics
+    state = state.replace(step=state.step + 1, params=params, stats=stats, opt_state=opt_state)
+    if self.ema_decay:
+      state = self.update_ema(state, variant if self.regime == "alternate" else None)
+    return state, metrics
 
   def _alternate_update(self, state: SupervisedState, batch: dict, rng: jax.Array,
                         modality: str):
@@ -426,9 +513,7 @@ class Supervised(Method):
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # Every modality but m keeps its own leaves (kernels, norm parameters, Adam moments).
-    others = [self.modality_mask(state.params, o) for o in self.modalities if o != m]
-    keep = jax.tree.map(lambda *flags: jnp.asarray(any(flags)), *others) if others else \
-        jax.tree.map(lambda _: jnp.asarray(False), state.params)
+    keep = jax.tree.map(jnp.asarray, self.idle_mask(state.params, m))
     params = jax.tree.map(lambda n, o, k: jnp.where(k, o, n), params, state.params, keep)
     opt_state = _select_params_like(opt_state, state.opt_state, keep, params_def)
     out = {"loss": metrics["loss"],
