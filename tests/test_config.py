@@ -80,3 +80,25 @@ def test_parse_arg():
     common.parse_arg("stepz=5", steps=1)
   with pytest.raises(ValueError, match="steps='many'"):
     common.parse_arg("steps=many", steps=1)
+
+
+def test_a_config_saved_before_keys_were_added_validates_with_their_old_behaviour():
+  import ml_collections
+  saved = common.get_base_config().to_dict()
+  for dotted in config_schema.ADDED_KEYS:
+    node = saved
+    *parents, key = dotted.split(".")
+    for name in parents:
+      node = node[name]
+    node.pop(key)
+  with pytest.raises(config_schema.ConfigError):
+    config_schema.validate(ml_collections.ConfigDict(saved), methods.REGISTRY)
+  filled = ml_collections.ConfigDict(config_schema.with_added_keys(saved))
+  config_schema.validate(filled, methods.REGISTRY)
+  assert filled.train.optimizer == "adam" and filled.train.ema_decay == 0.0
+  assert filled.data.augment.p_rotate == 1.0 and filled.data.augment.p_gamma == 0.0
+  # Every key the schema knows today is either in the base config or filled in.
+  assert set(config_schema.ADDED_KEYS) <= {
+      f"{a}.{b}" for a, v in common.get_base_config().to_dict().items()
+      if isinstance(v, dict) for b in v} | {
+      f"data.augment.{k}" for k in common.get_base_config().data.augment}

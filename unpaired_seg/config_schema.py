@@ -218,6 +218,41 @@ def register_section(name: str, schema: Mapping[str, Any]) -> None:
   _METHOD_SECTIONS[name] = dict(schema)
 
 
+# Keys added after runs were already written, with the value that reproduces what such a run did
+# (not always today's default: old runs rotated and scaled every slice, and drew no intensity
+# transform). `with_added_keys` fills them into a saved config.json, so that `predict` and
+# `--mode=evaluate` still read a run made before the key existed.
+ADDED_KEYS: dict[str, Any] = {
+    "train.compute_dtype": "float32",
+    "train.optimizer": "adam", "train.momentum": 0.99, "train.adamw_weight_decay": 1e-4,
+    "train.grad_clip": 0.0, "train.lr_schedule": "exponential", "train.lr_poly_exponent": 0.9,
+    "train.lr_warmup_steps": 0, "train.ema_decay": 0.0,
+    "data.oversample": "foreground",
+    "data.augment.p_rotate": 1.0, "data.augment.p_scale": 1.0, "data.augment.elastic": False,
+    "data.augment.p_elastic": 0.2, "data.augment.elastic_alpha": (0.0, 200.0),
+    "data.augment.elastic_sigma": (9.0, 13.0), "data.augment.mirror_axes": (),
+    "data.augment.p_mirror": 0.5, "data.augment.p_noise": 0.0, "data.augment.noise_std": (0.0, 0.1),
+    "data.augment.p_blur": 0.0, "data.augment.blur_sigma": (0.5, 1.0),
+    "data.augment.p_brightness": 0.0, "data.augment.brightness": (0.75, 1.25),
+    "data.augment.p_contrast": 0.0, "data.augment.contrast": (0.75, 1.25),
+    "data.augment.p_lowres": 0.0, "data.augment.lowres_zoom": (0.5, 1.0),
+    "data.augment.p_gamma": 0.0, "data.augment.p_gamma_inverted": 0.0,
+    "data.augment.gamma": (0.7, 1.5), "data.augment.gamma_retain_stats": True,
+}
+
+
+def with_added_keys(tree: dict) -> dict:
+  """A saved config (nested dict) with every `ADDED_KEYS` entry it lacks filled in."""
+  for dotted, value in ADDED_KEYS.items():
+    node = tree
+    *parents, key = dotted.split(".")
+    for name in parents:
+      node = node.get(name) if isinstance(node, dict) else None
+    if isinstance(node, dict) and key not in node:
+      node[key] = value
+  return tree
+
+
 def validate(config: ml_collections.ConfigDict, methods: Mapping[str, Any] | None = None) -> None:
   """Raises ConfigError naming the first unknown, missing or bad key.
 

@@ -97,7 +97,8 @@ def load_model(workdir: os.PathLike, checkpoint: str = "best") -> Model:
     raise PredictError(f"--checkpoint must be best or latest, got {checkpoint!r}")
   if not (workdir / "checkpoints").is_dir():
     raise PredictError(f"{workdir}: no checkpoints/ folder: not a trained run")
-  config = ml_collections.ConfigDict(evaluate_lib.read_json(workdir / "config.json", "run config"))
+  config = ml_collections.ConfigDict(config_schema.with_added_keys(
+      evaluate_lib.read_json(workdir / "config.json", "run config")))
   info = evaluate_lib.read_json(workdir / "model_info.json",
                                 "model info (written by training since model_info.json exists)")
   config_schema.validate(config, methods.REGISTRY)
