@@ -56,6 +56,9 @@ def get_base_config(tiny: bool = False) -> ConfigDict:
   c.data.image_size = (64, 64)        # in-plane crop/pad size of the 2D slices
   c.data.context_slices = 0           # 0: 2D; 1: 2.5D (three adjacent slices as channels)
   c.data.foreground_fraction = 0.5    # share of sampled slices that contain a labelled structure
+  # How those slices are drawn: 'foreground' (any labelled structure) or 'class' (a class drawn
+  # uniformly first, then a slice or patch centre that contains it: nnU-Net's class balance).
+  c.data.oversample = "foreground"
   # Semi-supervision: only `label_fraction` of the target modality's training SUBJECTS keep their
   # labels (0.0 = zero-shot); '' = every modality fully labelled.
   c.data.target_modality = ""
@@ -186,6 +189,12 @@ def use_prepared_data(c: ConfigDict, root: str) -> None:
   c.train.eval_every = 200
   c.train.checkpoint_every = 200
   c.eval.max_val_cases = 1
+  # The dataset's own plan (python -m unpaired_seg.plan, data/plan.py), when it has one, replaces
+  # these CPU-sized defaults; --config.<key> on the command line still overrides both.
+  from unpaired_seg.data import plan as plan_lib
+  found = plan_lib.read_plan(root)
+  if found is not None:
+    plan_lib.apply_plan(c, found, where=f"{root}/{plan_lib.PLAN_FILE}")
 
 
 def shrink_to_tiny(c: ConfigDict) -> None:

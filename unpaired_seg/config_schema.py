@@ -97,6 +97,7 @@ SCHEMA: dict[str, Any] = {
         "image_size": int_tuple(2),
         "context_slices": non_negative_int(),
         "foreground_fraction": number(0.0, 1.0),
+        "oversample": choice("foreground", "class"),
         "target_modality": STRING,
         "label_fraction": number(0.0, 1.0),
         "split": {"train": number(0.0, 1.0), "val": number(0.0, 1.0), "test": number(0.0, 1.0),

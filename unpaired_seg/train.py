@@ -186,7 +186,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data:
   samplers = {
       m: pipeline.SliceSampler(cases["train"][m], config.train.batch_size,
                                config.data.foreground_fraction, config.data.context_slices,
-                               seed=config.seed, stream=i)
+                               seed=config.seed, stream=i,
+                               oversample=config.data.oversample)
       for i, m in enumerate(modalities)}
   return Data(manifest, modalities, splits, cases, samplers)
 

@@ -330,3 +330,91 @@ def test_target_spacing_must_be_one_for_the_dataset(unpaired):
   a[0] = dataclasses.replace(a[0], source=source((1.5, 1.5)))
   with pytest.raises(ValueError, match="different in-plane spacings"):
     pipeline.target_spacing_of(a)
+
+
+class _Volume:
+  """The three fields the samplers read of a prepared case."""
+
+  def __init__(self, image, label):
+    self.image, self.label = image, label
+
+  @property
+  def num_slices(self):
+    return self.image.shape[-1]
+
+
+def _two_class_case(slices=100, rare=5):
+  """Class 1 (a large organ) in every slice, class 2 (a small one) only in the first `rare`."""
+  label = np.zeros((8, 8, slices), np.uint8)
+  label[1:6, 1:6, :] = 1
+  label[6:8, 6:8, :rare] = 2
+  return _Volume(np.zeros(label.shape, np.float32), label)
+
+
+def test_class_balanced_sampling_draws_a_rare_class_as_often_as_a_common_one():
+  case = _two_class_case()
+  balanced = pipeline.SliceSampler([case], 64, 1.0, 0, seed=0, stream=0, oversample="class")
+  plain = pipeline.SliceSampler([case], 64, 1.0, 0, seed=0, stream=0)
+  np.testing.assert_array_equal(balanced.class_slices[2], [[0, z] for z in range(5)])
+  assert len(balanced.class_slices[1]) == 100
+
+  def rare_share(sampler):
+    idx = np.concatenate([sampler.indices(s) for s in range(20)])     # 1280 draws
+    return np.mean(idx[:, 1] < 5)
+
+  # 'class': half the draws pick class 2 (plus the 5 % of class-1 draws that land there);
+  # 'foreground': 5 % of the slices hold it.
+  assert 0.45 < rare_share(balanced) < 0.60
+  assert rare_share(plain) < 0.10
+  # Still a pure function of the step, and the uniform share untouched by the mode.
+  np.testing.assert_array_equal(balanced.indices(3), balanced.indices(3))
+  uniform_b = pipeline.SliceSampler([case], 64, 0.0, 0, seed=0, stream=0, oversample="class")
+  uniform_p = pipeline.SliceSampler([case], 64, 0.0, 0, seed=0, stream=0)
+  np.testing.assert_array_equal(uniform_b.indices(7), uniform_p.indices(7))
+
+
+def test_class_balanced_patches_centre_on_the_rare_class_half_the_time():
+  from unpaired_seg.data import patches
+  case = _two_class_case(slices=40, rare=2)
+  sampler = patches.PatchSampler([case], 64, (4, 4, 2), 1.0, seed=0, stream=0, oversample="class")
+  plain = patches.PatchSampler([case], 64, (4, 4, 2), 1.0, seed=0, stream=0)
+  share = lambda s: np.mean([(s.batch(k)["label"] == 2).reshape(64, -1).any(1).mean()
+                             for k in range(5)])
+  assert share(sampler) > 0.45
+  assert share(plain) < 0.15
+
+
+def test_an_unknown_oversampling_mode_names_the_config_key():
+  with pytest.raises(ValueError, match="data.oversample"):
+    pipeline.SliceSampler([_two_class_case()], 4, 0.5, 0, seed=0, stream=0, oversample="organ")
+
+
+def _volume(case, image, label):
+  return ds.Volume("ct", case, case, image.astype(np.float32), label.astype(np.uint8), np.eye(4))
+
+
+def test_foreground_zscore_clips_to_the_training_foregrounds_percentiles(tmp_path):
+  r = np.random.default_rng(0)
+  train = []
+  for i in range(2):
+    label = np.zeros((10, 10, 4), np.uint8)
+    label[2:8, 2:8] = 1
+    image = np.where(label > 0, 100 + 10 * r.standard_normal(label.shape), -1000)
+    train.append(_volume(f"c{i}", image, label))
+  spec = pipeline.parse_scheme("foreground_zscore", where="test")
+  fitted = pipeline.fit_normalization(spec, train)
+  # Independent reference: numpy over the labelled voxels only (the -1000 background is ignored).
+  fg = np.concatenate([v.image[v.label > 0].astype(np.float64) for v in train])
+  lo, hi = np.percentile(fg, [0.5, 99.5])
+  clipped = np.clip(fg, lo, hi)
+  np.testing.assert_allclose(fitted["window"], [lo, hi])
+  np.testing.assert_allclose([fitted["mean"], fitted["std"]], [clipped.mean(), clipped.std()])
+  out = pipeline.normalize_intensity(train[0].image, fitted)
+  expected = (np.clip(train[0].image, lo, hi) - clipped.mean()) / clipped.std()
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  # Saved and reused, although the fitted window is not the configured one (there is none).
+  path = tmp_path / "normalization.json"
+  first = pipeline.load_or_fit_normalization(path, {"ct": spec}, {"ct": train})["ct"]
+  assert pipeline.load_or_fit_normalization(path, {"ct": spec}, {"ct": train})["ct"] == first
+  with pytest.raises(pipeline.NormalizationError, match="other training cases"):
+    pipeline.load_or_fit_normalization(path, {"ct": spec}, {"ct": train[:1]})

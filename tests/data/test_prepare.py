@@ -355,7 +355,8 @@ def test_command_line_folder_import_and_check(tmp_path):
             "--modality=ct", "--label_map=0:0,6:1,*:0", "--normalization=clip_zscore:-200:300",
             f"--modality=mr={tmp_path / 'mr_elsewhere'}", "--label_map=0:0,1:1",
             "--normalization=zscore"]
-  done = _cli(*common, f"--output={tmp_path / 'out'}", "--spacing=1.6,1.6")
+  # --noplan: the plan times networks (tests/data/test_plan.py covers it).
+  done = _cli(*common, f"--output={tmp_path / 'out'}", "--spacing=1.6,1.6", "--noplan")
   assert done.returncode == 0, done.stderr
   manifest = dataset.load_manifest(tmp_path / "out")
   assert manifest.modalities["ct"].unmapped == "background"

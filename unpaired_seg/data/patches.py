@@ -44,10 +44,17 @@ class PatchSampler:
     foreground_fraction: probability that a patch contains a voxel of a labelled structure.
     seed: run seed.
     stream: distinguishes the modalities' streams.
+    oversample: 'foreground' centres an oversampled patch on any labelled voxel; 'class' first
+      draws a class uniformly among those present in the drawn case, then a voxel of it
+      (nnU-Net's class-balanced sampling).
   """
 
   def __init__(self, cases: Sequence, batch_size: int, patch_shape: Sequence[int],
-               foreground_fraction: float, seed: int, stream: int):
+               foreground_fraction: float, seed: int, stream: int,
+               oversample: str = "foreground"):
+    if oversample not in ("foreground", "class"):
+      raise ValueError(f"config key 'data.oversample': {oversample!r} is not one of "
+                       f"('foreground', 'class')")
     if not cases:
       raise ValueError("PatchSampler: needs at least one case")
     if len(patch_shape) != 3 or any(int(s) < 1 for s in patch_shape):
@@ -57,11 +64,21 @@ class PatchSampler:
     self.patch_shape = tuple(int(s) for s in patch_shape)
     self.foreground_fraction = foreground_fraction
     self.seed, self.stream = seed, stream
-    # Foreground voxels per case (subsampled: any voxel of a structure will do as a centre).
-    self.foreground = []
+    self.oversample = oversample
+    # Foreground voxels per case (subsampled: any voxel of a structure will do as a centre), and
+    # per case and class for class-balanced draws (subsampled per class, so a small organ keeps
+    # its voxels).
+    self.foreground, self.class_voxels = [], []
     for c in self.cases:
       fg = np.argwhere(c.label > 0) if c.label is not None else np.zeros((0, 3), np.int64)
       self.foreground.append(fg[:: max(1, len(fg) // 4096)])
+      per_class = {}
+      if oversample == "class" and len(fg):
+        values = c.label[tuple(fg.T)]
+        for k in np.unique(values):
+          voxels = fg[values == k]
+          per_class[int(k)] = voxels[:: max(1, len(voxels) // 4096)]
+      self.class_voxels.append(per_class)
 
   def corners(self, step: int) -> np.ndarray:
     """[B, 4] (case index, x0, y0, z0) of `step`'s patches: a pure function of the step."""
@@ -72,7 +89,12 @@ class PatchSampler:
       shape = np.maximum(self.cases[ci].image.shape, self.patch_shape)
       high = shape - np.asarray(self.patch_shape)                      # inclusive upper corner
       use_fg = rng.random() < self.foreground_fraction and len(self.foreground[ci])
-      if use_fg:
+      if use_fg and self.oversample == "class":
+        voxels = list(self.class_voxels[ci].values())
+        chosen = voxels[rng.integers(len(voxels))]
+        centre = chosen[rng.integers(len(chosen))]
+        corner = np.clip(centre - np.asarray(self.patch_shape) // 2, 0, high)
+      elif use_fg:
         centre = self.foreground[ci][rng.integers(len(self.foreground[ci]))]
         corner = np.clip(centre - np.asarray(self.patch_shape) // 2, 0, high)
       else:

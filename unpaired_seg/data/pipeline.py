@@ -58,6 +58,11 @@ class NormalizationError(ds.DatasetError):
 # Intensity.
 # ---------------------------------------------------------------------------------------------
 
+# Schemes whose statistics are fitted on the training split (`fit_normalization`).
+FITTED_SCHEMES = ("dataset_zscore", "foreground_zscore")
+FOREGROUND_PERCENTILES = (0.5, 99.5)
+
+
 def normalize_intensity(image: np.ndarray, spec: Mapping, *, name: str = "image") -> np.ndarray:
   """Normalises one volume by its modality's scheme.
 
@@ -65,7 +70,9 @@ def normalize_intensity(image: np.ndarray, spec: Mapping, *, name: str = "image"
     image: raw intensities, any shape.
     spec: the normalisation block: scheme `zscore`, `minmax` (to [-1, 1]), `clip_zscore` (with
       `window: [lo, hi]`), `none`, or `dataset_zscore` (with the training split's `mean` and
-      `std` from `fit_normalization`, and an optional `window` applied first).
+      `std` from `fit_normalization`, and an optional `window` applied first), or
+      `foreground_zscore` (nnU-Net's CT scheme: clipped to the 0.5th and 99.5th percentiles of
+      the training split's labelled voxels, then z-scored with their mean and std).
     name: used in error messages (the case's file).
 
   Returns:
@@ -75,9 +82,9 @@ def normalize_intensity(image: np.ndarray, spec: Mapping, *, name: str = "image"
   scheme = spec.get("scheme")
   if scheme == "none":
     return x
-  if scheme == "dataset_zscore":
+  if scheme in FITTED_SCHEMES:
     if "mean" not in spec or "std" not in spec:
-      raise NormalizationError(f"{name}: scheme 'dataset_zscore' needs the training split's "
+      raise NormalizationError(f"{name}: scheme {scheme!r} needs the training split's "
                                "'mean' and 'std' (fit_normalization); none were given")
     if spec.get("window") is not None:
       x = np.clip(x, *spec["window"])
@@ -99,7 +106,8 @@ def parse_scheme(text: str, *, where: str) -> dict:
   """A scheme as text: zscore, minmax, none, dataset_zscore, clip_zscore:LO:HI, dataset_zscore:LO:HI."""
   parts = str(text).strip().split(":")
   scheme = parts[0]
-  if scheme in ("zscore", "minmax", "none", "dataset_zscore") and len(parts) == 1:
+  if scheme in ("zscore", "minmax", "none", "dataset_zscore", "foreground_zscore") \
+      and len(parts) == 1:
     return {"scheme": scheme}
   if scheme in ("clip_zscore", "dataset_zscore") and len(parts) == 3:
     try:
@@ -109,7 +117,8 @@ def parse_scheme(text: str, *, where: str) -> dict:
     if math.isfinite(lo) and math.isfinite(hi) and lo < hi:
       return {"scheme": scheme, "window": [lo, hi]}
   raise NormalizationError(f"{where}: {text!r} is not one of zscore, minmax, none, dataset_zscore, "
-                           "clip_zscore:LO:HI, dataset_zscore:LO:HI (numbers LO < HI)")
+                           "foreground_zscore, clip_zscore:LO:HI, dataset_zscore:LO:HI (numbers "
+                           "LO < HI)")
 
 
 def resolve_normalization(manifest: ds.Manifest, modalities: Sequence[str],
@@ -145,11 +154,13 @@ def fit_normalization(spec: Mapping, volumes: Sequence[ds.Volume]) -> dict:
   returned as they are.
   """
   spec = dict(spec)
-  if spec.get("scheme") != "dataset_zscore":
+  if spec.get("scheme") not in FITTED_SCHEMES:
     return spec
   if not volumes:
-    raise NormalizationError("scheme 'dataset_zscore': the training split has no volume to fit "
-                             "the statistics on")
+    raise NormalizationError(f"scheme {spec['scheme']!r}: the training split has no volume to "
+                             "fit the statistics on")
+  if spec["scheme"] == "foreground_zscore":
+    return _fit_foreground(spec, volumes)
   window = spec.get("window")
 
   def values(v):
@@ -162,6 +173,22 @@ def fit_normalization(spec: Mapping, volumes: Sequence[ds.Volume]) -> dict:
   var = sum(float(np.square(values(v) - mean).sum()) for v in volumes) / count
   std = math.sqrt(var)
   spec.update(mean=mean, std=std if std > 1e-8 else 1.0, voxels=count,
+              fitted_on=sorted(v.case for v in volumes))
+  return spec
+
+
+def _fit_foreground(spec: dict, volumes: Sequence[ds.Volume]) -> dict:
+  """nnU-Net's CT statistics over the labelled voxels of the training volumes."""
+  values = [v.image[v.label > 0].astype(np.float64) for v in volumes if v.label is not None]
+  values = np.concatenate(values) if values else np.zeros(0)
+  if not values.size:
+    raise NormalizationError("scheme 'foreground_zscore': the training split has no labelled "
+                             "voxel to fit the statistics on")
+  lo, hi = np.percentile(values, FOREGROUND_PERCENTILES)
+  clipped = np.clip(values, lo, hi)
+  std = float(clipped.std())
+  spec.update(window=[float(lo), float(hi)], mean=float(clipped.mean()),
+              std=std if std > 1e-8 else 1.0, voxels=int(values.size),
               fitted_on=sorted(v.case for v in volumes))
   return spec
 
@@ -186,11 +213,14 @@ def load_or_fit_normalization(path: os.PathLike, specs: Mapping[str, Mapping],
     train_cases = sorted(v.case for v in train_volumes.get(modality, ()))
     if modality in saved:
       old = saved[modality]
-      if old.get("scheme") != spec.get("scheme") or old.get("window") != spec.get("window"):
+      # foreground_zscore's window is fitted, not configured: only its scheme is compared.
+      window_differs = (spec.get("scheme") != "foreground_zscore"
+                        and old.get("window") != spec.get("window"))
+      if old.get("scheme") != spec.get("scheme") or window_differs:
         raise NormalizationError(
             f"{path}: modality {modality!r} was normalised with {_describe(old)}, the config and "
             f"manifest now ask for {_describe(spec)}; use a new workdir")
-      if spec.get("scheme") == "dataset_zscore" and old.get("fitted_on") != train_cases:
+      if spec.get("scheme") in FITTED_SCHEMES and old.get("fitted_on") != train_cases:
         raise NormalizationError(
             f"{path}: the statistics of {modality!r} were fitted on other training cases than the "
             f"current split's {train_cases}")
@@ -554,12 +584,21 @@ def write_json_atomic(path: os.PathLike, obj) -> None:
 # Slices and the sampler.
 # ---------------------------------------------------------------------------------------------
 
+def _classes_per_slice(label: np.ndarray) -> dict[int, np.ndarray]:
+  """{class > 0: the slices (last axis) of [H, W, Z] `label` that contain it}."""
+  flat = label.reshape(-1, label.shape[-1])
+  return {int(k): np.flatnonzero((flat == k).any(axis=0)) for k in np.unique(flat) if k > 0}
+
+
 def slice_stack(volume: np.ndarray, slices: np.ndarray, context: int) -> np.ndarray:
   """[H, W, Z] volume -> [N, H, W, 2*context+1] slices, neighbours clamped at the ends."""
   z = volume.shape[-1]
   offsets = np.arange(-context, context + 1)
   idx = np.clip(np.asarray(slices)[:, None] + offsets[None, :], 0, z - 1)       # [N, 2c+1]
   return np.moveaxis(volume[:, :, idx], (2, 3), (0, 3))
+
+
+OVERSAMPLING = ("foreground", "class")
 
 
 class SliceSampler:
@@ -572,12 +611,20 @@ class SliceSampler:
     context_slices: neighbours on each side stacked as channels (0 = 2D).
     seed: run seed.
     stream: distinguishes the modalities' streams.
+    oversample: 'foreground' draws an oversampled slice among those with any labelled structure
+      (a large organ then fills most of them); 'class' first draws a class uniformly among the
+      classes present in the training cases, then a slice that contains it (nnU-Net's
+      class-balanced sampling), so a small organ is seen as often as a large one.
   """
 
   def __init__(self, cases: Sequence[PreparedCase], batch_size: int, foreground_fraction: float,
-               context_slices: int, seed: int, stream: int):
+               context_slices: int, seed: int, stream: int, oversample: str = "foreground"):
     if not cases:
       raise ValueError("the sampler needs at least one case")
+    if oversample not in OVERSAMPLING:
+      raise ValueError(f"config key 'data.oversample': {oversample!r} is not one of "
+                       f"{OVERSAMPLING}")
+    self.oversample = oversample
     self.cases = list(cases)
     self.batch_size = batch_size
     self.foreground_fraction = foreground_fraction
@@ -585,13 +632,19 @@ class SliceSampler:
     self.seed = seed
     self.stream = stream
     pairs, fg = [], []
+    per_class: dict[int, list] = {}
     for ci, c in enumerate(self.cases):
+      present = _classes_per_slice(c.label) if c.label is not None else {}
       for z in range(c.num_slices):
         pairs.append((ci, z))
         if c.label is not None and c.label[:, :, z].any():
           fg.append((ci, z))
+      for k, zs in present.items():
+        per_class.setdefault(k, []).extend((ci, int(z)) for z in zs)
     self.all_slices = np.asarray(pairs, dtype=np.int64)
     self.fg_slices = np.asarray(fg, dtype=np.int64) if fg else self.all_slices
+    # Slice locations per foreground class, computed once (nnU-Net's class locations).
+    self.class_slices = {k: np.asarray(v, np.int64) for k, v in sorted(per_class.items())}
 
   def indices(self, step: int) -> np.ndarray:
     """[B, 2] (case index, slice) for `step`: a pure function of (seed, stream, step)."""
@@ -599,6 +652,11 @@ class SliceSampler:
     from_fg = rng.random(self.batch_size) < self.foreground_fraction
     fg = self.fg_slices[rng.integers(0, len(self.fg_slices), self.batch_size)]
     anywhere = self.all_slices[rng.integers(0, len(self.all_slices), self.batch_size)]
+    if self.oversample == "class" and self.class_slices:
+      # Drawn after the 'foreground' draws, so that both modes share their uniform samples.
+      lists = list(self.class_slices.values())
+      chosen = rng.integers(0, len(lists), self.batch_size)
+      fg = np.stack([lists[k][rng.integers(0, len(lists[k]))] for k in chosen])
     return np.where(from_fg[:, None], fg, anywhere)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:

@@ -744,6 +744,9 @@ def _define_flags() -> None:
   flags.DEFINE_string("output", None, "New dataset folder (absent or empty).")
   flags.DEFINE_string("spacing", "1.5,1.5", "Target in-plane spacing in mm; empty keeps the grid.")
   flags.DEFINE_bool("check", False, "Only check the source; write nothing.")
+  flags.DEFINE_bool("plan", True, "Then write plan.json (data/plan.py): view size, normalisation, "
+                    "network width and steps for --budget_minutes, timed on this machine.")
+  flags.DEFINE_float("budget_minutes", 30.0, "With --plan: training and evaluation wall time.")
   flags.DEFINE_integer("limit", None, "Take only the first N cases of each modality.",
                        lower_bound=1)
   flags.DEFINE_multi_string("modality", [], "folder source: NAME or NAME=DIR, repeatable.")
@@ -824,6 +827,11 @@ def main(argv) -> int:
     return 1 if problems else 0
   counts = {m: len(ds.list_cases(manifest, m)) for m in manifest.modalities}
   logging.info("wrote %s: %s", manifest.root, counts)
+  if f.plan:
+    from unpaired_seg.data import plan as plan_lib  # times the network: JAX only when asked
+    path = plan_lib.plan_dataset(manifest.root, f.budget_minutes)
+    logging.info("wrote %s (a %s-minute budget; python -m unpaired_seg.plan plans again)", path,
+                 f.budget_minutes)
   return 0
 
 

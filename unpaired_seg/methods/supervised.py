@@ -545,7 +545,8 @@ class PatchSupervised(Supervised):
       c = self.config
       self._samplers = {
           m: patches.PatchSampler(data.cases["train"][m], c.train.batch_size, self.patch_shape,
-                                  c.data.foreground_fraction, seed=c.seed, stream=i)
+                                  c.data.foreground_fraction, seed=c.seed, stream=i,
+                                  oversample=c.data.oversample)
           for i, m in enumerate(data.modalities)}
     return {m: s.batch(step) for m, s in self._samplers.items()}
 
