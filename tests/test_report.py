@@ -166,3 +166,17 @@ def test_progress_plot_from_metrics_jsonl(tmp_path):
   assert report.plot_progress(tmp_path / "metrics.jsonl", tmp_path / "progress.png")
   assert (tmp_path / "progress.png").read_bytes()[:8] == PNG
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_progress_plot_adds_validation_dice_against_wall_time(tmp_path, monkeypatch):
+  rows = [{"step": 2, "loss": 1.5, "wall_s": 30.0}, {"step": 4, "val_dice": 0.3, "wall_s": 90.0},
+          {"step": 8, "val_dice": 0.5, "wall_s": 150.0}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  saved = []
+  monkeypatch.setattr(report, "_save", lambda fig, path: saved.append(fig))
+  assert report.plot_progress(tmp_path / "metrics.jsonl", tmp_path / "progress.png")
+  axes = saved[0].axes
+  assert len(axes) == 3 and axes[2].get_xlabel() == "wall time (minutes)"
+  x, y = axes[2].lines[0].get_data()
+  np.testing.assert_allclose(x, [1.5, 2.5])             # minutes
+  np.testing.assert_allclose(y, [0.3, 0.5])

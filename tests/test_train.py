@@ -203,3 +203,20 @@ def test_checkpoints_under_a_relative_workdir_are_saved_and_restored(tmp_path, m
     np.testing.assert_array_equal(restored["w"], state["w"])
   manager.close()
   assert (tmp_path / "runs" / "job" / "checkpoints" / "latest" / "3").is_dir()
+
+
+def test_metric_rows_carry_wall_time_that_continues_across_a_resume(tmp_path):
+  writer = train.MetricWriter(tmp_path, resume_step=0)
+  writer.write(1, {"loss": 1.0})
+  writer.write(2, {"loss": 0.9})
+  writer.close()
+  rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert 0 <= rows[0]["wall_s"] <= rows[1]["wall_s"]
+  # Resumed from step 1: row 2 is dropped and the clock goes on from row 1's time.
+  rows[0]["wall_s"] = 100.0
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  writer = train.MetricWriter(tmp_path, resume_step=1)
+  writer.write(2, {"loss": 0.8})
+  writer.close()
+  rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2] and 100.0 <= rows[1]["wall_s"] < 110.0

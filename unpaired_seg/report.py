@@ -389,7 +389,8 @@ def overlay(image: np.ndarray | None, reference: np.ndarray, predictions: Mappin
 
 
 def plot_progress(metrics_path: os.PathLike, path: os.PathLike) -> bool:
-  """progress.png of a run: losses and validation Dice over steps, from metrics.jsonl.
+  """progress.png of a run: losses and validation Dice over steps, and validation Dice over wall
+  time (where the rows carry `wall_s`), from metrics.jsonl.
 
   Returns:
     False (and writes nothing) when there is nothing to plot yet.
@@ -398,19 +399,22 @@ def plot_progress(metrics_path: os.PathLike, path: os.PathLike) -> bool:
   if not metrics_path.exists():
     return False
   rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-  losses, validation = {}, {}
+  losses, validation, timed = {}, {}, {}
   for row in rows:
     for key, value in row.items():
-      if key == "step" or value is None or not math.isfinite(value):
+      if key in ("step", "wall_s") or value is None or not math.isfinite(value):
         continue
       if key.startswith("val_"):
         validation.setdefault(key, []).append((row["step"], value))
+        if "wall_s" in row:
+          timed.setdefault(key, []).append((row["wall_s"] / 60, value))
       elif key.startswith("loss") or key.startswith("seg_") or key.endswith("_loss"):
         losses.setdefault(key, []).append((row["step"], value))
   if not losses and not validation:
     return False
   plt = _pyplot()
-  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(16 if timed else 11, 4))
+  left, right = axes[0], axes[1]
   for key, points in sorted(losses.items()):
     left.plot(*zip(*points), label=key, linewidth=2 if key == "loss" else 1)
   left.set_xlabel("step")
@@ -423,5 +427,12 @@ def plot_progress(metrics_path: os.PathLike, path: os.PathLike) -> bool:
   right.set_ylim(0, 1)
   if validation:
     right.legend(fontsize=8)
+  if timed:
+    for key, points in sorted(timed.items()):
+      axes[2].plot(*zip(*points), marker="o", label=key, linewidth=2 if key == "val_dice" else 1)
+    axes[2].set_xlabel("wall time (minutes)")
+    axes[2].set_ylabel("validation Dice (3D, per volume)")
+    axes[2].set_ylim(0, 1)
+    axes[2].legend(fontsize=8)
   _save(fig, path)
   return True

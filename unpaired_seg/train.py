@@ -387,16 +387,24 @@ class Checkpoints:
 # =============================================================================================
 
 class MetricWriter:
-  """Appends metrics to metrics.jsonl and TensorBoard events; on resume drops rows past the step."""
+  """Appends metrics to metrics.jsonl and TensorBoard events; on resume drops rows past the step.
+
+  Every row carries `wall_s`, the run's wall time in seconds, counted on across resumes from the
+  last kept row, so that a learning curve against time shows where a compute budget saturates.
+  """
 
   def __init__(self, workdir: pathlib.Path, resume_step: int):
     self.path = workdir / "metrics.jsonl"
+    self._wall_offset = 0.0
     if self.path.exists():
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      self._wall_offset = max((json.loads(line).get("wall_s", 0.0) for line in kept),
+                              default=0.0)
       tmp = self.path.with_suffix(".jsonl.tmp")
       tmp.write_text("".join(line + "\n" for line in kept))
       os.replace(tmp, self.path)
+    self._started = time.monotonic()
     self._tb = None
     if jax.process_index() == 0:
       try:
@@ -408,7 +416,8 @@ class MetricWriter:
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if jax.process_index() != 0:
       return
-    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()},
+           "wall_s": round(self._wall_offset + time.monotonic() - self._started, 2)}
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
