@@ -93,6 +93,9 @@ def get_base_config(tiny: bool = False) -> ConfigDict:
 
   c.model = ConfigDict()
   c.model.name = "unet"
+  # U-Net: the decoder's lower resolutions also predict and are trained (nnU-Net's deep
+  # supervision, weights 1/2 per halving, normalised); inference reads the full-resolution head.
+  c.model.deep_supervision = False
   c.model.features = 16
   c.model.depth = 4
   c.model.ndim = 2

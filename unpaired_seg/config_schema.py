@@ -143,6 +143,7 @@ SCHEMA: dict[str, Any] = {
         "dropout": Field((int, float), lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
         "widths": int_tuple(),                      # dilated: channels per stage
         "head_channels": non_negative_int(),        # dilated: 0 = 8 * classes
+        "deep_supervision": BOOL,                   # unet
         "sharing": STRING,
         "norm": {
             "kind": choice("batch", "instance", "layer", "group", "none"),
@@ -228,7 +229,7 @@ ADDED_KEYS: dict[str, Any] = {
     "train.optimizer": "adam", "train.momentum": 0.99, "train.adamw_weight_decay": 1e-4,
     "train.grad_clip": 0.0, "train.lr_schedule": "exponential", "train.lr_poly_exponent": 0.9,
     "train.lr_warmup_steps": 0, "train.ema_decay": 0.0,
-    "data.oversample": "foreground",
+    "data.oversample": "foreground", "model.deep_supervision": False,
     "data.augment.p_rotate": 1.0, "data.augment.p_scale": 1.0, "data.augment.elastic": False,
     "data.augment.p_elastic": 0.2, "data.augment.elastic_alpha": (0.0, 200.0),
     "data.augment.elastic_sigma": (9.0, 13.0), "data.augment.mirror_axes": (),

@@ -62,6 +62,7 @@ from unpaired_seg.nn.norms import norm_collection, stats_collection
 from unpaired_seg.nn.presets import SHARING_PRESETS, sharing_preset
 from unpaired_seg.nn.registry import build_network, network_blocks
 from unpaired_seg.nn.sharing import NormSpec, Sharing
+from unpaired_seg.nn.unet import DEEP_SUPERVISION
 from unpaired_seg.ops import losses, precision
 # learning_rate_schedule: also importable from here, where it lived before optim.py.
 from unpaired_seg.optim import learning_rate_schedule, make_optimizer
@@ -139,6 +140,19 @@ def labelled_class_weights(labels: jax.Array, labelled: jax.Array, num_classes: 
   counts = jnp.sum(onehot * mask, axis=tuple(range(onehot.ndim - 1)))          # [C]
   total = jnp.sum(mask) * np.prod(labels.shape[1:])
   return (1.0 - counts / jnp.maximum(total, 1.0)).astype(jnp.float32)
+
+
+def deep_supervision_logits(sown) -> dict:
+  """{'ds_logits_<level>': logits} from the DEEP_SUPERVISION collection of a U-Net pass.
+
+  The collection is keyed by decoder block (`dec<level>` or `dec<level>_<modality>`), each with
+  the tuple of its sown logits.
+  """
+  out = {}
+  for block, values in (sown or {}).items():
+    level = int(block.split("_")[0][3:])
+    out[f"ds_logits_{level}"] = values["logits"][-1]
+  return out
 
 
 def mask_unlabelled(labels: jax.Array, labelled: jax.Array, num_classes: int) -> jax.Array:
@@ -222,6 +236,10 @@ class Supervised(Method):
     self.tx = make_optimizer(config.train, learning_rate_schedule(config.train))
     self.ema_decay = float(config.train.ema_decay)
     self.compute_dtype = precision.compute_dtype(config.train.get("compute_dtype", "float32"))
+    self.deep_supervision = bool(config.model.get("deep_supervision", False))
+    if self.deep_supervision and config.model.name != "unet":
+      raise ValueError(f"config key 'model.deep_supervision' is for model.name='unet', not "
+                       f"{config.model.name!r}")
     # One forward pass over the concatenated modalities when nothing is per modality: that is the
     # mixed batch of UNet-both, with one set of batch statistics over all of it.
     self.mixed_batch = (not self.sharing.norm_per_modality and not self.sharing.per_modality_blocks
@@ -261,7 +279,9 @@ class Supervised(Method):
     """Returns (logits, updated stats, features).
 
     Only the modality's own stats collection is mutable. `features` collects the sown
-    'intermediates' (a dict `<block>_features` -> array), else it is None.
+    'intermediates' (a dict `<block>_features` -> array), else it is None. In training with deep
+    supervision the dict also holds `ds_logits_<level>`: the decoder's logits at 1 / 2**level
+    of the resolution.
     """
     if self.compute_dtype != jnp.float32:
       # The float32 parameters stay the optimiser's; the network computes with a cast copy.
@@ -269,6 +289,9 @@ class Supervised(Method):
       image = image.astype(self.compute_dtype)
     variables = {**params, **stats}
     mutable = ["intermediates"] if features else []
+    deep = train and self.deep_supervision
+    if deep:
+      mutable.append(DEEP_SUPERVISION)
     if train:
       group = self.sharing.norm_group(modality)
       if stats_collection(group) in stats:
@@ -281,9 +304,12 @@ class Supervised(Method):
                                          mutable=mutable, rngs=rngs)
     updated = dict(updated)
     inter = updated.pop("intermediates", None)
+    sown = updated.pop(DEEP_SUPERVISION, None)
     feats = None
     if features:
       feats = precision.to_float32({k: v[-1] for k, v in (inter or {}).items()})
+    if deep:
+      feats = {**(feats or {}), **precision.to_float32(deep_supervision_logits(sown))}
     return logits.astype(jnp.float32), {**stats, **updated}, feats
 
   def predict(self, state: SupervisedState, image: jax.Array, modality: str) -> jax.Array:
@@ -302,6 +328,18 @@ class Supervised(Method):
     ce = losses.clipped_weighted_cross_entropy(logits, labels, weights, clip=loss.ce_clip,
                                                sample_weight=labelled)
     return loss.dice_weight * dice + loss.ce_weight * ce
+
+  def deep_supervised_loss(self, full: jax.Array, feats: dict, batch: dict) -> jax.Array:
+    """nnU-Net's weighting: the loss at 1 / 2**l of the resolution weighs 1 / 2**l, the weights
+    normalised to sum to 1; labels are subsampled by nearest neighbour (every 2**l-th voxel)."""
+    terms, weights = [full], [1.0]
+    for key in sorted(k for k in feats if k.startswith("ds_logits_")):
+      level = int(key.rsplit("_", 1)[1])
+      f = 2 ** level
+      labels = batch["label"][(slice(None),) + (slice(None, None, f),) * (batch["label"].ndim - 1)]
+      terms.append(self.segmentation_loss(feats[key], labels, batch["labelled"]))
+      weights.append(1.0 / f)
+    return sum(w * t for w, t in zip(weights, terms)) / sum(weights)
 
   def kd_term(self, logits: dict, batch: dict) -> jax.Array:
     """L_kd averaged over the modality pairs (one pair for two modalities), labelled pixels only."""
@@ -375,6 +413,8 @@ class Supervised(Method):
     for m in modalities:
       metrics[f"seg_{m}"] = self.segmentation_loss(logits[m], batch[m]["label"],
                                                    batch[m]["labelled"])
+      if self.deep_supervision:
+        metrics[f"seg_{m}"] = self.deep_supervised_loss(metrics[f"seg_{m}"], feats[m], batch[m])
       total = total + metrics[f"seg_{m}"]
     loss = self.config.loss
     if self.use_kd:

@@ -79,7 +79,8 @@ def build_network(model_config: ml_collections.ConfigDict, num_classes: int, sha
                      f"its blocks are {list(blocks)}")
   if name == "unet":
     return UNet(num_classes=num_classes, sharing=sharing, features=k["features"],
-                depth=k["depth"], ndim=k["ndim"], norm=norm)
+                depth=k["depth"], ndim=k["ndim"], norm=norm,
+                deep_supervision=bool(model_config.get("deep_supervision", False)))
   if name == "resfcn":
     return ResFCN(num_classes=num_classes, sharing=sharing, filters=tuple(k["filters"]),
                   units_per_scale=k["units_per_scale"], strides=_tuple(k["strides"]),

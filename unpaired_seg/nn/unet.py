@@ -36,20 +36,33 @@ class ConvBlock(nn.Module):
     return x
 
 
+DEEP_SUPERVISION = "deep_supervision"   # the collection the decoders' extra logits are sown into
+
+
 class UpBlock(nn.Module):
-  """Transposed-conv upsampling x2, concatenation with the skip, then a ConvBlock."""
+  """Transposed-conv upsampling x2, concatenation with the skip, then a ConvBlock.
+
+  With `ds_classes` > 0 a 1x1 head turns the block's output into class logits at its resolution,
+  sown into the DEEP_SUPERVISION collection (nnU-Net's deep supervision); the head lives in the
+  block, so it is shared or per modality with its decoder.
+  """
   features: int
   norm: NormSpec
   norm_groups: Sequence[str]
   ndim: int = 2
+  ds_classes: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: jax.Array, group: str, train: bool) -> jax.Array:
     # The variables of nn.ConvTranspose(features, 2, strides=2), lowered as a matmul (see layers).
     x = UpConv(self.features, (2,) * self.ndim, name="up")(x)
     x = jnp.concatenate([x, skip], axis=-1)
-    return ConvBlock(self.features, self.norm, self.norm_groups, self.ndim, name="conv")(
+    x = ConvBlock(self.features, self.norm, self.norm_groups, self.ndim, name="conv")(
         x, group, train)
+    if self.ds_classes:
+      self.sow(DEEP_SUPERVISION, "logits",
+               nn.Conv(self.ds_classes, (1,) * self.ndim, name="ds_head")(x))
+    return x
 
 
 class Head(nn.Module):
@@ -78,6 +91,7 @@ class UNet(nn.Module):
     depth: number of poolings.
     ndim: 2 for [B, H, W, C] inputs, 3 for [B, D, H, W, C].
     norm: normalisation settings.
+    deep_supervision: decoder blocks below full resolution sow logits (see UpBlock).
   """
   num_classes: int
   sharing: Sharing
@@ -86,6 +100,7 @@ class UNet(nn.Module):
   ndim: int = 2
   max_features: int = 512
   norm: NormSpec = NormSpec()
+  deep_supervision: bool = False
 
   def width(self, level: int) -> int:
     return min(self.features * 2 ** level, self.max_features)
@@ -109,7 +124,10 @@ class UNet(nn.Module):
       if base == "bottleneck":
         return ConvBlock(self.width(self.depth), self.norm, groups, self.ndim, name=name)
       if base.startswith("dec"):
-        return UpBlock(self.width(int(base[3:])), self.norm, groups, self.ndim, name=name)
+        level = int(base[3:])
+        # nnU-Net trains every decoder output but the coarsest (its weight is 0 there).
+        ds = self.num_classes if self.deep_supervision and 0 < level < self.depth - 1 else 0
+        return UpBlock(self.width(level), self.norm, groups, self.ndim, ds_classes=ds, name=name)
       return Head(self.num_classes, self.ndim, name=name)
 
     skips = []
