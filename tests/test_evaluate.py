@@ -264,3 +264,17 @@ def test_the_real_data_preset_and_bad_eval_keys_validate_as_expected():
   bad.data.split.update(folds=3, fold=3)
   with pytest.raises(config_schema.ConfigError, match=r"data\.split\.fold"):
     config_schema.validate(bad, methods.REGISTRY)
+
+
+def test_the_last_table_logged_is_the_3d_dice_and_per_slice_dice_says_what_it_is():
+  block = {"grid": "source", "per_class": {"liver": {"dice": 0.8, "per_slice_dice": 0.9,
+                                                     "hd95": 4.0}},
+           "std": {"liver": {"dice": 0.1, "per_slice_dice": 0.05, "hd95": 1.0}},
+           "mean": {"dice": 0.8, "per_slice_dice": 0.9, "hd95": 4.0}}
+  text = evaluate.log_table({"mr": block}, ["background", "liver"],
+                                ("dice", "hd95", "per_slice_dice"))
+  titles = [line for line in text.splitlines() if "per class" in line]
+  assert titles[-1] == "3D Dice per class (mean +- std over test volumes, source grid)"
+  assert titles[0].startswith("3D HD95 (mm) per class")
+  assert "not a 3D score" in titles[1]
+  assert text.rstrip().splitlines()[-1].split()[:2] == ["mr", "0.800"]
