@@ -47,23 +47,33 @@ LABELS = {"individual": "Individual", "joint": "Joint", "joint_kd": "Joint + KD"
           "ummkd": "UMMKD (Chilopod + KD)", "csa": "CSA (Chilopod + class-specific affinity)"}
 ORGANS = ("liver", "right_kidney", "left_kidney", "spleen")
 
-flags.DEFINE_string("data", "/work/shared/data/abdomen_ctmr", "Source abdominal CT/MR folder.")
-flags.DEFINE_string("workdir", "/tmp/table2_abdomen", "Prepared data and one run per method.")
-flags.DEFINE_float("spacing", 2.0, "In-plane spacing (mm) of the prepared data.")
-flags.DEFINE_integer("steps", 2000, "Training steps per method.")
-flags.DEFINE_integer("image_size", 128, "Training view (pixels per side).")
-flags.DEFINE_integer("batch_size", 8, "Slices per modality per step.")
-flags.DEFINE_integer("features", 8, "U-Net features at full resolution.")
-flags.DEFINE_integer("folds", 5, "Folds of the per-subject cross-validation.")
-flags.DEFINE_list("folds_run", ["0", "1", "2"], "The folds to train and pool.")
-flags.DEFINE_enum("recipe", "nnunet", ["nnunet", "plain"], "Training recipe (see the docstring).")
-flags.DEFINE_enum("grid", "source", ["dataset", "source"],
-                  "Scoring grid: 'dataset' (the prepared grid, fast) or 'source' (the source "
-                  "files).")
-flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate of every method.")
-flags.DEFINE_list("methods", list(METHODS), "Methods to run, in table order.")
-flags.DEFINE_string("output", str(ROOT / "experiments" / "results" / "table2_abdomen.md"),
-                    "Markdown table to write.")
+# The settings every row shares; flags of the command, defined only when it runs.
+DEFAULTS = dict(steps=2000, image_size=128, batch_size=8, features=8, folds=5, recipe="nnunet",
+                grid="source", learning_rate=2e-3)
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("data", "/work/shared/data/abdomen_ctmr", "Source abdominal CT/MR folder.")
+  flags.DEFINE_string("workdir", "/tmp/table2_abdomen", "Prepared data and one run per method.")
+  flags.DEFINE_float("spacing", 2.0, "In-plane spacing (mm) of the prepared data.")
+  flags.DEFINE_integer("steps", DEFAULTS["steps"], "Training steps per method.")
+  flags.DEFINE_integer("image_size", DEFAULTS["image_size"], "Training view (pixels per side).")
+  flags.DEFINE_integer("batch_size", DEFAULTS["batch_size"], "Slices per modality per step.")
+  flags.DEFINE_integer("features", DEFAULTS["features"], "U-Net features at full resolution.")
+  flags.DEFINE_integer("folds", DEFAULTS["folds"], "Folds of the per-subject cross-validation.")
+  flags.DEFINE_list("folds_run", ["0", "1", "2"], "The folds to train and pool.")
+  flags.DEFINE_enum("recipe", DEFAULTS["recipe"], ["nnunet", "plain"],
+                    "Training recipe (see the docstring).")
+  flags.DEFINE_enum("grid", DEFAULTS["grid"], ["dataset", "source"],
+                    "Scoring grid: 'dataset' (the prepared grid, fast) or 'source' (the source "
+                    "files).")
+  flags.DEFINE_float("learning_rate", DEFAULTS["learning_rate"],
+                     "Adam learning rate of every method.")
+  flags.DEFINE_list("methods", list(METHODS), "Methods to run, in table order.")
+  flags.DEFINE_string("output", str(ROOT / "experiments" / "results" / "table2_abdomen.md"),
+                      "Markdown table to write.")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -75,9 +85,9 @@ def load_config(name: str):
   return module.get_config(None)
 
 
-def apply_recipe(config) -> None:
-  """--recipe=nnunet: class-balanced sampling, nnU-Net's CT normalisation, poly decay, EMA."""
-  if FLAGS.recipe == "plain":
+def apply_recipe(config, recipe: str) -> None:
+  """'nnunet': class-balanced sampling, nnU-Net's CT normalisation, poly decay, EMA."""
+  if recipe == "plain":
     return
   config.data.oversample = "class"
   config.data.foreground_fraction = 0.33
@@ -86,30 +96,34 @@ def apply_recipe(config) -> None:
   config.train.ema_decay = 0.999
 
 
-def experiment_config(name: str, data_root: pathlib.Path, fold: int):
-  """The method's config on the prepared data and a fold, with the shared CPU-sized settings."""
+def experiment_config(name: str, data_root: pathlib.Path, fold: int, settings=None):
+  """The method's config on the prepared data and a fold, with the shared CPU-sized settings.
+
+  `settings` has the attributes of DEFAULTS (the command's flags when None).
+  """
+  s = settings if settings is not None else FLAGS
   from configs import chilopod, common
   config = load_config(name)
   common.use_prepared_data(config, str(data_root))
   if name in ("individual", "joint", "csa"):
     # The same segmentation loss, optimiser and norms for every row (UMMKD's).
     chilopod.ummkd_settings(config, "unet")
-  config.data.image_size = (FLAGS.image_size, FLAGS.image_size)
+  config.data.image_size = (s.image_size, s.image_size)
   config.model.name = "unet"
-  config.model.features = FLAGS.features
+  config.model.features = s.features
   config.model.depth = 4
-  config.train.steps = FLAGS.steps
-  config.train.batch_size = FLAGS.batch_size
-  config.train.learning_rate = FLAGS.learning_rate
+  config.train.steps = s.steps
+  config.train.batch_size = s.batch_size
+  config.train.learning_rate = s.learning_rate
   config.train.lr_decay.update(rate=1.0, every=1000)
-  apply_recipe(config)
-  config.data.split.update(folds=FLAGS.folds, fold=fold)
+  apply_recipe(config, s.recipe)
+  config.data.split.update(folds=s.folds, fold=fold)
   config.train.log_every = 100
-  config.train.eval_every = max(1, FLAGS.steps // 4)   # a learning curve of four points
-  config.train.checkpoint_every = max(1, FLAGS.steps // 4)
+  config.train.eval_every = max(1, s.steps // 4)   # a learning curve of four points
+  config.train.checkpoint_every = max(1, s.steps // 4)
   config.eval.checkpoint = "latest"
   config.eval.metrics = ("dice", "hd95", "assd")
-  config.eval.grid = FLAGS.grid
+  config.eval.grid = s.grid
   config.eval.max_val_cases = 2
   config.eval.save_predictions = 0
   return config
@@ -251,4 +265,5 @@ the latest checkpoint (the EMA weights under the nnunet recipe).
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -1,39 +1,42 @@
 """The Table II driver: fold configs, the recipe, reuse of finished runs, pooling over folds."""
 
 import json
+import types
 
 import numpy as np
 import pytest
-from absl import flags
 
 from tests import experiment_scripts
 
 
 @pytest.fixture(scope="module")
 def table2():
-  module = experiment_scripts.load("table2_abdomen")
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["table2_abdomen"])
-  return module
+  return experiment_scripts.load("table2_abdomen")
+
+
+def _settings(table2, **changes):
+  return types.SimpleNamespace(**{**table2.DEFAULTS, **changes})
 
 
 def test_each_fold_gets_its_split_and_the_recipe(table2, tmp_path):
-  config = table2.experiment_config("ummkd", tmp_path, fold=2)
+  config = table2.experiment_config("ummkd", tmp_path, fold=2, settings=_settings(table2))
   assert config.data.split.folds == 5 and config.data.split.fold == 2
   assert config.data.oversample == "class" and config.train.ema_decay == 0.999
   assert config.data.normalization == "ct=foreground_zscore"
-  assert config.train.steps == flags.FLAGS.steps
+  assert config.train.steps == table2.DEFAULTS["steps"]
+  plain = table2.experiment_config("ummkd", tmp_path, 2, _settings(table2, recipe="plain"))
+  assert plain.data.oversample == "foreground" and plain.train.ema_decay == 0.0
 
 
 def test_a_finished_run_is_reused_only_with_the_same_settings(table2, tmp_path):
-  config = table2.experiment_config("joint", tmp_path, fold=0)
+  config = table2.experiment_config("joint", tmp_path, fold=0, settings=_settings(table2))
   run = tmp_path / "run"
   run.mkdir()
   assert table2.finished(run, config) is None
   (run / "config.json").write_text(json.dumps(config.to_dict()))
   (run / "summary.json").write_text(json.dumps({"modalities": {}}))
   assert table2.finished(run, config) == {"modalities": {}}
-  other = table2.experiment_config("joint", tmp_path, fold=1)
+  other = table2.experiment_config("joint", tmp_path, fold=1, settings=_settings(table2))
   assert table2.finished(run, other) is None
 
 
