@@ -397,12 +397,12 @@ class MetricWriter:
     self.path = workdir / "metrics.jsonl"
     self._wall_offset = 0.0
     if self.path.exists():
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      self._wall_offset = max((json.loads(line).get("wall_s", 0.0) for line in kept),
-                              default=0.0)
+      rows = [(line, json.loads(line)) for line in self.path.read_text().splitlines()
+              if line.strip()]
+      kept = [(line, row) for line, row in rows if row.get("step", 0) <= resume_step]
+      self._wall_offset = max((row.get("wall_s", 0.0) for _, row in kept), default=0.0)
       tmp = self.path.with_suffix(".jsonl.tmp")
-      tmp.write_text("".join(line + "\n" for line in kept))
+      tmp.write_text("".join(line + "\n" for line, _ in kept))
       os.replace(tmp, self.path)
     self._started = time.monotonic()
     self._tb = None

@@ -23,6 +23,17 @@ def _pad_to(volume: np.ndarray, shape: Sequence[int], value: float) -> np.ndarra
   return np.pad(volume, pad, constant_values=value) if any(p for _, p in pad) else volume
 
 
+# How the oversampled share of a batch is drawn (config key data.oversample); the slice sampler
+# (pipeline.SliceSampler) takes the same modes.
+OVERSAMPLING = ("foreground", "class")
+
+
+def check_oversample(mode: str) -> str:
+  if mode not in OVERSAMPLING:
+    raise ValueError(f"config key 'data.oversample': {mode!r} is not one of {OVERSAMPLING}")
+  return mode
+
+
 def window_starts(length: int, size: int, overlap: float) -> list[int]:
   """Starts of windows of `size` covering [0, length), neighbours overlapping by `overlap`."""
   if not 0.0 <= overlap < 1.0:
@@ -52,9 +63,6 @@ class PatchSampler:
   def __init__(self, cases: Sequence, batch_size: int, patch_shape: Sequence[int],
                foreground_fraction: float, seed: int, stream: int,
                oversample: str = "foreground"):
-    if oversample not in ("foreground", "class"):
-      raise ValueError(f"config key 'data.oversample': {oversample!r} is not one of "
-                       f"('foreground', 'class')")
     if not cases:
       raise ValueError("PatchSampler: needs at least one case")
     if len(patch_shape) != 3 or any(int(s) < 1 for s in patch_shape):
@@ -64,7 +72,7 @@ class PatchSampler:
     self.patch_shape = tuple(int(s) for s in patch_shape)
     self.foreground_fraction = foreground_fraction
     self.seed, self.stream = seed, stream
-    self.oversample = oversample
+    self.oversample = check_oversample(oversample)
     # Foreground voxels per case (subsampled: any voxel of a structure will do as a centre), and
     # per case and class for class-balanced draws (subsampled per class, so a small organ keeps
     # its voxels).

@@ -44,6 +44,7 @@ import numpy as np
 
 from unpaired_seg.data import dataset as ds
 from unpaired_seg.data import geometry
+from unpaired_seg.data import patches
 from unpaired_seg.data import prepare
 
 NORMALIZATION_SCHEMES = ("zscore", "minmax", "clip_zscore", "none", "dataset_zscore")
@@ -598,9 +599,6 @@ def slice_stack(volume: np.ndarray, slices: np.ndarray, context: int) -> np.ndar
   return np.moveaxis(volume[:, :, idx], (2, 3), (0, 3))
 
 
-OVERSAMPLING = ("foreground", "class")
-
-
 class SliceSampler:
   """Draws (case, slice) pairs, oversampling slices that contain a labelled structure.
 
@@ -621,10 +619,7 @@ class SliceSampler:
                context_slices: int, seed: int, stream: int, oversample: str = "foreground"):
     if not cases:
       raise ValueError("the sampler needs at least one case")
-    if oversample not in OVERSAMPLING:
-      raise ValueError(f"config key 'data.oversample': {oversample!r} is not one of "
-                       f"{OVERSAMPLING}")
-    self.oversample = oversample
+    self.oversample = patches.check_oversample(oversample)
     self.cases = list(cases)
     self.batch_size = batch_size
     self.foreground_fraction = foreground_fraction
