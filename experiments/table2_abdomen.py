@@ -10,9 +10,10 @@ Holm-corrected). Writes experiments/results/table2_abdomen.md and the comparison
   python experiments/table2_abdomen.py                                  # every method, folds 0-2
   python experiments/table2_abdomen.py --methods=individual,ummkd --folds_run=0 --steps=300
 
-Runs live in <workdir>/fold<k>/<method>; a run whose summary.json exists with the same settings
-is read, not trained again, so the table can be built over several sittings (an interrupted run
-resumes from its checkpoints). The recipe (`--recipe=nnunet`, the default): class-balanced
+Runs train in <workdir>/fold<k>/<method> (an interrupted run resumes from its checkpoints there);
+a finished run's summary.json, config.json and metrics.jsonl are kept under --store (in the
+repository, so that they outlive a machine's scratch space), and a run found there with the same
+settings is read, not trained again: the table can be built over several sittings. The recipe (`--recipe=nnunet`, the default): class-balanced
 sampling of a third of every batch, nnU-Net's augmentation, CT clipped to its training
 foreground's percentiles and z-scored, Adam with polynomial decay and an EMA of the weights.
 `--recipe=plain` is the earlier setting (uniform foreground sampling, exponential schedule).
@@ -70,6 +71,8 @@ def _define_flags() -> None:
   flags.DEFINE_float("learning_rate", DEFAULTS["learning_rate"],
                      "Adam learning rate of every method.")
   flags.DEFINE_list("methods", list(METHODS), "Methods to run, in table order.")
+  flags.DEFINE_string("store", str(ROOT / "experiments" / "results" / "table2_abdomen_runs"),
+                      "Where finished runs' summary, config and metrics are kept and read.")
   flags.DEFINE_string("output", str(ROOT / "experiments" / "results" / "table2_abdomen.md"),
                       "Markdown table to write.")
 
@@ -195,6 +198,22 @@ def finished(run: pathlib.Path, config) -> dict | None:
   return json.loads((run / "summary.json").read_text())
 
 
+KEPT = ("summary.json", "config.json", "metrics.jsonl")
+
+
+def keep(run: pathlib.Path, store: pathlib.Path) -> None:
+  """Copy a finished run's small files to the store (atomically, summary last)."""
+  from unpaired_seg.data import pipeline
+  for name in sorted(KEPT, key=lambda n: n == "summary.json"):
+    pipeline.write_text_atomic(store / name, (run / name).read_text())
+
+
+def wall_seconds(run: pathlib.Path) -> float:
+  """The run's own wall time, from its metrics rows."""
+  rows = (run / "metrics.jsonl").read_text().splitlines()
+  return max((json.loads(r).get("wall_s", 0.0) for r in rows if r.strip()), default=0.0)
+
+
 def main(argv):
   del argv
   data = pathlib.Path(FLAGS.data)
@@ -212,25 +231,22 @@ def main(argv):
   start = time.perf_counter()
   data_root = prepare(data, workdir / f"data_{FLAGS.spacing:g}mm")
   results, seconds = {}, {}
+  store = pathlib.Path(FLAGS.store)
   for fold in folds:
     for name in FLAGS.methods:
-      run = workdir / f"fold{fold}" / name
+      run, kept = workdir / f"fold{fold}" / name, store / f"fold{fold}" / name
       config = experiment_config(name, data_root, fold)
-      t0 = time.perf_counter()
-      summary = finished(run, config)
+      summary = finished(kept, config)
       if summary is None:
         summary = train.train_and_evaluate(config, run)
-        seconds[(name, fold)] = time.perf_counter() - t0
-      else:   # the run's own wall time, from its last metrics row
-        rows = (run / "metrics.jsonl").read_text().splitlines()
-        seconds[(name, fold)] = max((json.loads(r).get("wall_s", 0.0) for r in rows if r.strip()),
-                                    default=0.0)
+        keep(run, kept)
+      seconds[(name, fold)] = wall_seconds(kept)
       results[(name, fold)] = summary
       logging.info("fold %d %s: mean Dice mr %.3f ct %.3f", fold, name,
                    summary["modalities"]["mr"]["mean"]["dice"],
                    summary["modalities"]["ct"]["mean"]["dice"])
   wall = time.perf_counter() - start
-  runs = [f"{name}={workdir / f'fold{fold}' / name}" for fold in folds for name in FLAGS.methods]
+  runs = [f"{name}={store / f'fold{fold}' / name}" for fold in folds for name in FLAGS.methods]
   compare_dir = workdir / "compare"
   compare.run(runs, compare_dir, ["dice", "hd95", "assd"], reference="individual"
               if "individual" in FLAGS.methods else None, overlays=0)
