@@ -89,6 +89,13 @@ def get_base_config(tiny: bool = False) -> ConfigDict:
       p_contrast=0.15, contrast=(0.75, 1.25),             # about the mean, clipped to [min, max]
       p_lowres=0.25, lowres_zoom=(0.5, 1.0),              # nearest down, linear up
       p_gamma=0.3, p_gamma_inverted=0.1, gamma=(0.7, 1.5), gamma_retain_stats=True,
+      # Intensity randomisation of the samples whose label is used, so that a network trained on
+      # one modality's labels reads another's images (data/randomize.py); each sample takes at most
+      # one: GIN (a random shallow conv net, p_ipa of them two views under a smooth mask) or SLAug's
+      # global / local (per class region) Bezier remap with location-scale. Off by default.
+      intensity=ConfigDict(dict(p_gin=0.0, gin_layers=4, gin_channels=2, gin_leak=0.01,
+                                p_ipa=0.0, ipa_grid=4, p_global=0.0, p_local=0.0,
+                                p_nonmonotone=0.0)),
   ))
 
   c.model = ConfigDict()

@@ -127,6 +127,14 @@ SCHEMA: dict[str, Any] = {
             "lowres_zoom": number_pair(0.0, 1.0, positive=True),
             "gamma": number_pair(positive=True),
             "gamma_retain_stats": BOOL,
+            # Intensity randomisation of labelled samples (data/randomize.py).
+            "intensity": {"p_gin": number(0.0, 1.0), "gin_layers": Field(
+                              (int,), lambda v: v >= 2, ">= 2 (an input and an output layer)"),
+                          "gin_channels": positive_int(), "gin_leak": number(0.0, 1.0),
+                          "p_ipa": number(0.0, 1.0),
+                          "ipa_grid": Field((int,), lambda v: v >= 2, ">= 2"),
+                          "p_global": number(0.0, 1.0), "p_local": number(0.0, 1.0),
+                          "p_nonmonotone": number(0.0, 1.0)},
         },
     },
     "model": {
@@ -240,6 +248,9 @@ ADDED_KEYS: dict[str, Any] = {
     "data.augment.p_lowres": 0.0, "data.augment.lowres_zoom": (0.5, 1.0),
     "data.augment.p_gamma": 0.0, "data.augment.p_gamma_inverted": 0.0,
     "data.augment.gamma": (0.7, 1.5), "data.augment.gamma_retain_stats": True,
+    "data.augment.intensity": dict(p_gin=0.0, gin_layers=4, gin_channels=2, gin_leak=0.01,
+                                   p_ipa=0.0, ipa_grid=4, p_global=0.0, p_local=0.0,
+                                   p_nonmonotone=0.0),
 }
 
 

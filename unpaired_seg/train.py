@@ -300,22 +300,24 @@ def make_train_step(method, config: ml_collections.ConfigDict, variant=None):
     key = jax.random.fold_in(rng.prng_key(seed), state.step)
     aug_rng, method_rng = jax.random.split(key)
     if settings is not None:
-      batch = augment_on_device(aug_rng, batch, settings, with_partners)
+      batch = augment_on_device(aug_rng, batch, settings, with_partners, method.num_classes)
     return method.train_step(state, batch, method_rng, variant)
 
   return jax.jit(step_fn, donate_argnums=(0,))
 
 
-def augment_on_device(key: jax.Array, batch: dict, settings, with_partners: bool) -> dict:
+def augment_on_device(key: jax.Array, batch: dict, settings, with_partners: bool,
+                      num_classes: int = 0) -> dict:
   """The train step's augmentation of every modality's batch (traced inside the step).
 
   With `with_partners`, a batch's 'partner_image' slices get their own slice's spatial transform.
+  Intensity randomisation (`data.augment.intensity`) touches the samples whose label is used.
   """
   batch = dict(batch)
   for i, m in enumerate(sorted(batch)):
     key_m = jax.random.fold_in(key, i)
     image, label = augment_lib.augment_batch(key_m, batch[m]["image"], batch[m]["label"],
-                                             settings)
+                                             settings, batch[m].get("labelled"), num_classes)
     batch[m] = {**batch[m], "image": image, "label": label}
     if with_partners and "partner_image" in batch[m]:
       batch[m]["partner_image"] = augment_lib.augment_partners(

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from unpaired_seg.data import intensity as intensity_lib
+from unpaired_seg.data import randomize as randomize_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,8 @@ class Settings:
   mirror_axes: tuple[int, ...]        # 0: rows (up-down), 1: columns (left-right)
   p_mirror: float
   intensity: intensity_lib.IntensitySettings
+  # Intensity randomisation of labelled samples (`data.augment.intensity`, randomize.py).
+  randomize: randomize_lib.RandomizeSettings = randomize_lib.RandomizeSettings()
 
   @classmethod
   def from_config(cls, aug) -> "Settings":
@@ -39,12 +42,14 @@ class Settings:
       value = aug[name]
       return tuple(value) if isinstance(value, (tuple, list)) else value
 
-    derived = ("mirror_axes", "intensity")
+    derived = ("mirror_axes", "intensity", "randomize")
     spatial = {f.name: plain(f.name) for f in dataclasses.fields(cls) if f.name not in derived}
     axes = set(aug["mirror_axes"]) | ({1} if aug["flip"] else set())
     intensity = intensity_lib.IntensitySettings(
         **{f.name: plain(f.name) for f in dataclasses.fields(intensity_lib.IntensitySettings)})
-    return cls(**spatial, mirror_axes=tuple(sorted(axes)), intensity=intensity)
+    randomize = randomize_lib.RandomizeSettings.from_config(aug.get("intensity", {}))
+    return cls(**spatial, mirror_axes=tuple(sorted(axes)), intensity=intensity,
+               randomize=randomize)
 
   @property
   def moves(self) -> bool:
@@ -126,16 +131,19 @@ def _sample(channel: jax.Array, coords: jax.Array, order: int) -> jax.Array:
 _per_channel = jax.vmap(_sample, in_axes=(-1, None, None), out_axes=-1)
 
 
-def augment_batch(rng: jax.Array, image: jax.Array, label: jax.Array,
-                  settings: Settings) -> tuple[jax.Array, jax.Array]:
+def augment_batch(rng: jax.Array, image: jax.Array, label: jax.Array, settings: Settings,
+                  labelled: jax.Array | None = None,
+                  num_classes: int = 0) -> tuple[jax.Array, jax.Array]:
   """Applies one random spatial transform per sample to images and labels alike, then the intensity
-  transforms to the images.
+  randomisation to the labelled samples' images, then nnU-Net's intensity transforms.
 
   Args:
     rng: PRNG key.
     image: [B, H, W, C] float.
     label: [B, H, W] integer class map.
     settings: what to draw, `Settings.from_config(config.data.augment)`.
+    labelled: [B], > 0 where a sample's label is used: only those are randomised (none when None).
+    num_classes: classes of the label maps, background included (the local randomisation's regions).
 
   Returns:
     The augmented (image, label), same shapes and dtypes.
@@ -148,6 +156,10 @@ def augment_batch(rng: jax.Array, image: jax.Array, label: jax.Array,
     out_i = jax.vmap(_per_channel, in_axes=(0, 0, None))(out_i, coords, 1)
     moved = jax.vmap(_sample, in_axes=(0, 0, None))(label.astype(jnp.float32), coords, 0)
     out_l = jnp.round(moved).astype(label.dtype)
+  if settings.randomize.active and labelled is not None:
+    # A key of its own, so that turning the randomisation on leaves every other draw as it was.
+    out_i = randomize_lib.randomize(jax.random.fold_in(rng, 2), out_i, out_l, labelled,
+                                    settings.randomize, num_classes)
   out_i = intensity_lib.augment_intensity(k_intensity, out_i, settings.intensity)
   return out_i.astype(image.dtype), out_l
 
