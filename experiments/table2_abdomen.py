@@ -187,13 +187,15 @@ def settings_of(config) -> dict:
           "split": c["data"]["split"], "features": c["model"]["features"]}
 
 
-def finished(run: pathlib.Path, config) -> dict | None:
-  """The run's summary when it finished with these settings, else None."""
+def finished(run: pathlib.Path, config, key=None) -> dict | None:
+  """The run's summary when it finished with these settings (`key(config)`, default
+  `settings_of`), else None."""
+  key = key or settings_of
   if not (run / "summary.json").exists() or not (run / "config.json").exists():
     return None
   saved = ml_collections.ConfigDict(config_schema.with_added_keys(
       json.loads((run / "config.json").read_text())))
-  if settings_of(saved) != settings_of(config):
+  if key(saved) != key(config):
     return None
   return json.loads((run / "summary.json").read_text())
 
@@ -214,15 +216,33 @@ def wall_seconds(run: pathlib.Path) -> float:
   return max((json.loads(r).get("wall_s", 0.0) for r in rows if r.strip()), default=0.0)
 
 
+def source_data_found(data: pathlib.Path) -> bool:
+  """Whether the abdominal source folder is there (a warning says why not)."""
+  if (data / "mr").is_dir() and (data / "ct").is_dir():
+    return True
+  logging.warning("abdominal data not found at %s (needs mr/ and ct/): skipping", data)
+  return False
+
+
+def check_known(flag: str, values, known) -> None:
+  unknown = [v for v in values if v not in known]
+  if unknown:
+    raise app.UsageError(f"--{flag}: {unknown} not in {tuple(known)}")
+
+
+def write(out: pathlib.Path, text: str) -> None:
+  """The markdown result, atomically."""
+  from unpaired_seg.data import pipeline
+  pipeline.write_text_atomic(out, text)
+  logging.info("wrote %s", out)
+
+
 def main(argv):
   del argv
   data = pathlib.Path(FLAGS.data)
-  if not (data / "mr").is_dir() or not (data / "ct").is_dir():
-    logging.warning("abdominal data not found at %s (needs mr/ and ct/): skipping", data)
+  if not source_data_found(data):
     return 0
-  unknown = [m for m in FLAGS.methods if m not in METHODS]
-  if unknown:
-    raise app.UsageError(f"--methods: {unknown} not in {METHODS}")
+  check_known("methods", FLAGS.methods, METHODS)
   folds = [int(f) for f in FLAGS.folds_run]
   if any(not 0 <= f < FLAGS.folds for f in folds):
     raise app.UsageError(f"--folds_run={FLAGS.folds_run}: each in [0, {FLAGS.folds})")
@@ -273,10 +293,7 @@ the latest checkpoint (the EMA weights under the nnunet recipe).
 
 {tests}
 """
-  out = pathlib.Path(FLAGS.output)
-  from unpaired_seg.data import pipeline
-  pipeline.write_text_atomic(out, text)
-  logging.info("wrote %s", out)
+  write(pathlib.Path(FLAGS.output), text)
   return 0
 
 

@@ -105,18 +105,16 @@ def test_gin_at_zero_mixing_weight_is_the_identity_and_keeps_the_norm():
 
 
 def test_gin_layer_is_a_per_sample_convolution():
-  """The grouped convolution equals each sample convolved with its own kernel (scipy reference)."""
+  """Each sample convolved with its own kernel, 1x1 where asked (scipy reference)."""
   x = jax.random.normal(_key(4), (3, 8, 8, 1))
-  key = _key(5)
-  out = np.asarray(randomize._random_conv(key, x, 1, 1))
-  k_w, k_b, k_size = jax.random.split(key, 3)
-  kernel = np.asarray(jax.random.normal(k_w, (3, 3, 3, 1, 1)))[..., 0, 0]
-  bias = np.asarray(jax.random.normal(k_b, (3, 1, 1, 1)))
-  small = np.asarray(jax.random.bernoulli(k_size, 0.5, (3,)))
+  kernel = jax.random.normal(_key(5), (3, 3, 3, 1, 1))
+  bias = jax.random.normal(_key(6), (3, 1))
+  small = jnp.array([True, False, False])
+  out = np.asarray(jax.jit(randomize._random_conv)(x, kernel, bias, small))
   for i in range(3):
-    k = kernel[i] * (np.pad([[1.0]], 1) if small[i] else 1.0)
-    # conv_general_dilated is a correlation: scipy.ndimage.correlate, zeros outside.
-    ref = scipy.ndimage.correlate(np.asarray(x[i, ..., 0]), k, mode="constant") + bias[i, 0, 0, 0]
+    k = np.asarray(kernel[i, ..., 0, 0]) * (np.pad([[1.0]], 1) if small[i] else 1.0)
+    # A conv layer is a correlation: scipy.ndimage.correlate, zeros outside.
+    ref = scipy.ndimage.correlate(np.asarray(x[i, ..., 0]), k, mode="constant") + float(bias[i, 0])
     np.testing.assert_allclose(out[i, ..., 0], ref, rtol=1e-5, atol=1e-5)
 
 
