@@ -5,6 +5,7 @@
   python -m unpaired_seg.main --config=configs/joint.py --workdir=runs/joint --mode=evaluate
 """
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -28,9 +29,31 @@ def main(argv):
   from unpaired_seg import train
   logging.info("process %d/%d, %d local devices", jax.process_index(), jax.process_count(),
                jax.local_device_count())
-  train.main_entry(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  try:
+    train.main_entry(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except train.USER_ERRORS as e:   # a one-line message naming the file, key or flag
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a bad flag or a misspelled `--config.<key>` override reported in
+  one line instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+  except (KeyError, AttributeError) as e:   # ml_collections: an override names no config key
+    raw = str(e.args[0] if e.args else e)
+    key = re.search(r"(\w+)", raw)
+    hint = re.search(r'Did you mean "(\w+)"', raw)
+    key = key.group(1) if key else ""
+    named = [a.split("=")[0] for a in argv[1:]
+             if a.startswith("--config.") and key and key in a.split("=")[0].split(".")]
+    sys.exit(f"error: {named[0] if named else '--config override'}: no such config key"
+             + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
 
 
 if __name__ == "__main__":
   sys.path.insert(0, ".")  # configs/ next to the working directory
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -40,6 +40,15 @@ class TrainingDiverged(FloatingPointError):
   """A loss or metric became NaN or inf."""
 
 
+class WorkdirError(OSError):
+  """The workdir cannot hold a run (a file, not writable) or holds none to evaluate."""
+
+
+# What a user's input can get wrong: main.py prints these as one line, without a traceback.
+USER_ERRORS = (config_schema.ConfigError, ds.DatasetError, pipeline.SplitError, WorkdirError,
+               TrainingDiverged)
+
+
 # =============================================================================================
 # Workdir, logging, provenance.
 # =============================================================================================
@@ -47,10 +56,9 @@ class TrainingDiverged(FloatingPointError):
 def setup_workdir(config: ml_collections.ConfigDict, workdir: os.PathLike) -> pathlib.Path:
   """Validates the config, creates the workdir, logs to a file there and writes config.json."""
   config_schema.validate(config, methods.REGISTRY)
+  workdir = check_workdir(workdir)
   cache = compile_cache.configure(config.train.compilation_cache,
                                   default=default_cache_dir() / "jax_compilation_cache")
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   _log_to_file(workdir)
   pipeline.write_json_atomic(workdir / "config.json", config.to_dict())
   pipeline.write_json_atomic(workdir / "versions.json", provenance())
@@ -58,6 +66,20 @@ def setup_workdir(config: ml_collections.ConfigDict, workdir: os.PathLike) -> pa
   logging.info("JAX %s, process %d of %d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
   logging.info("persistent compilation cache: %s", cache or "off")
+  return workdir
+
+
+def check_workdir(workdir: os.PathLike) -> pathlib.Path:
+  """Creates the workdir; a one-line WorkdirError when it is a file or cannot be written."""
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(f"--workdir={workdir}: is a file, not a folder")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"--workdir={workdir}: cannot be created ({e.strerror})") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise WorkdirError(f"--workdir={workdir}: is not writable")
   return workdir
 
 
@@ -418,7 +440,9 @@ class MetricWriter:
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if jax.process_index() != 0:
       return
-    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()},
+    # NaN and inf are not JSON: a non-finite value is written as null.
+    row = {"step": int(step),
+           **{k: float(v) if np.isfinite(float(v)) else None for k, v in scalars.items()},
            "wall_s": round(self._wall_offset + time.monotonic() - self._started, 2)}
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
@@ -452,12 +476,15 @@ class Chrono:
     return rate, (self.total - step) / rate
 
 
-def check_finite(step: int, metrics: Mapping[str, float]) -> None:
+def check_finite(step: int, metrics: Mapping[str, float], last_saved: int | None = None) -> None:
+  """Stops training on a non-finite metric; says which checkpoint (if any) is left to resume."""
   bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
   if bad:
+    kept = (f"the last good checkpoint (step {last_saved}) is kept in the workdir"
+            if last_saved else "no checkpoint was saved before it")
     raise TrainingDiverged(
-        f"step {step}: non-finite {bad}; training stopped. The last good checkpoint is kept "
-        f"in the workdir; lower train.learning_rate or check the data.")
+        f"step {step}: non-finite {bad}; training stopped, {kept}; lower train.learning_rate "
+        f"or check the data.")
 
 
 # =============================================================================================
@@ -515,7 +542,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike) 
       eval_now = step % config.train.eval_every == 0 or step == total
       if log_now or save_now or eval_now:
         scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        check_finite(step, scalars)
+        check_finite(step, scalars, checkpoints.latest.latest_step())
         rate, eta = chrono.rate(step)
         if log_now:
           scalars["steps_per_s"] = rate
@@ -563,6 +590,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike, *, method=
   workdir = pathlib.Path(workdir)
   owns = checkpoints is None
   if method is None:
+    if not (workdir / "checkpoints").is_dir():   # before anything is written there
+      raise WorkdirError(f"--workdir={workdir}: no checkpoints to evaluate; train first")
     workdir = setup_workdir(config, workdir)
     data, _, method, state_template, checkpoints = build(config, workdir)
     predictor = evaluate_lib.make_predictor(method)

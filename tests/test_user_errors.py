@@ -1,0 +1,76 @@
+"""Faults a user hits, each a one-line error naming what is wrong, and nothing written where it
+should not be: a misspelled config override, a workdir that is a file or cannot be created,
+evaluating a workdir that holds no run, a diverged run's message, non-finite metrics in JSON."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from configs import common
+from unpaired_seg import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, "-m", "unpaired_seg.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_a_misspelled_override_and_a_file_workdir_are_one_line_errors(tmp_path):
+  out = _main("--config=configs/joint.py:tiny", "--config.train.stepz=3",
+              f"--workdir={tmp_path / 'run'}")
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1] == (
+      "error: --config.train.stepz: no such config key (did you mean 'steps'?)")
+  assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  out = _main("--config=configs/joint.py:tiny", f"--workdir={afile}")
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == f"error: --workdir={afile}: is a file, not a folder"
+
+
+def test_a_workdir_that_cannot_be_made_or_written_names_itself(tmp_path):
+  blocked = tmp_path / "afile"
+  blocked.write_text("")
+  with pytest.raises(train.WorkdirError, match="cannot be created"):
+    train.check_workdir(blocked / "run")
+  if os.geteuid() != 0:   # root writes anywhere
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(train.WorkdirError, match="is not writable"):
+      train.check_workdir(locked)
+
+
+def test_evaluating_a_workdir_without_a_run_writes_nothing(tmp_path):
+  config = common.get_base_config(tiny=True)
+  config.method = "joint"
+  with pytest.raises(train.WorkdirError, match="no checkpoints to evaluate"):
+    train.evaluate(config, tmp_path / "missing")
+  assert not (tmp_path / "missing").exists()
+
+
+def test_the_divergence_message_says_whether_a_checkpoint_is_kept():
+  with pytest.raises(train.TrainingDiverged, match="no checkpoint was saved"):
+    train.check_finite(7, {"loss": float("nan")}, None)
+  with pytest.raises(train.TrainingDiverged, match=r"last good checkpoint \(step 5\) is kept"):
+    train.check_finite(7, {"loss": float("inf")}, 5)
+  train.check_finite(7, {"loss": 1.0}, None)   # finite: nothing raised
+
+
+def test_non_finite_metrics_are_written_as_null(tmp_path):
+  writer = train.MetricWriter(tmp_path, resume_step=0)
+  writer.write(1, {"loss": float("nan"), "dice": 0.5, "grad_norm": float("inf")})
+  writer.close()
+
+  def strict(name):
+    raise ValueError(f"{name} is not JSON")
+
+  row = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=strict)
+  assert row["loss"] is None and row["grad_norm"] is None and row["dice"] == 0.5
