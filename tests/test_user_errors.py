@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from configs import common
-from unpaired_seg import train
+from unpaired_seg import config_schema, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_a_workdir_that_cannot_be_made_or_written_names_itself(tmp_path):
 def test_evaluating_a_workdir_without_a_run_writes_nothing(tmp_path):
   config = common.get_base_config(tiny=True)
   config.method = "joint"
-  with pytest.raises(train.WorkdirError, match="no checkpoints to evaluate"):
+  with pytest.raises(train.WorkdirError, match="no checkpoint to evaluate"):
     train.evaluate(config, tmp_path / "missing")
   assert not (tmp_path / "missing").exists()
 
@@ -74,3 +74,30 @@ def test_non_finite_metrics_are_written_as_null(tmp_path):
 
   row = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=strict)
   assert row["loss"] is None and row["grad_norm"] is None and row["dice"] == 0.5
+
+
+def test_a_resume_with_changed_keys_lists_them_and_refuses_unless_allowed(tmp_path):
+  config = common.get_base_config(tiny=True)
+  config.method = "joint"
+  (tmp_path / "checkpoints" / "latest" / "4").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+  assert train.changed_keys(tmp_path, config) == []
+  config.train.steps += 10                       # extending a run: allowed
+  assert train.changed_keys(tmp_path, config) == []
+  config.train.learning_rate = 0.5
+  config.data.image_size = (64, 64)
+  changed = train.changed_keys(tmp_path, config)
+  assert [c.split(" ")[0] for c in changed] == ["data.image_size", "train.learning_rate"]
+  assert "-> 0.5)" in changed[1]
+  with pytest.raises(config_schema.ConfigError, match="train.learning_rate"):
+    train.setup_workdir(config, tmp_path, resuming_check=True)
+  train.setup_workdir(config, tmp_path, resuming_check=True, allow_config_change=True)
+  assert json.loads((tmp_path / "config.json").read_text())["train"]["learning_rate"] == 0.5
+
+
+def test_the_data_commands_list_their_flags():
+  for module, expected in (("unpaired_seg.prepare", ("--input", "--output", "--spacing")),
+                           ("unpaired_seg.plan", ("--data", "--budget_minutes"))):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert all(flag in out.stdout + out.stderr for flag in expected), module

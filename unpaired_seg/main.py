@@ -17,6 +17,8 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/joint
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
 flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (then evaluate) or only evaluate.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods, multi-node).")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Resume a workdir's run although the config differs from its config.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,7 +32,7 @@ def main(argv):
   logging.info("process %d/%d, %d local devices", jax.process_index(), jax.process_count(),
                jax.local_device_count())
   try:
-    train.main_entry(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+    train.main_entry(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.allow_config_change)
   except train.USER_ERRORS as e:   # a one-line message naming the file, key or flag
     logging.error("%s", e)
     sys.exit(f"error: {e}")

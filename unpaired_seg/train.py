@@ -44,6 +44,10 @@ class WorkdirError(OSError):
   """The workdir cannot hold a run (a file, not writable) or holds none to evaluate."""
 
 
+class NoRunError(WorkdirError, FileNotFoundError):
+  """The workdir holds no checkpoint to evaluate."""
+
+
 # What a user's input can get wrong: main.py prints these as one line, without a traceback.
 USER_ERRORS = (config_schema.ConfigError, ds.DatasetError, pipeline.SplitError, WorkdirError,
                TrainingDiverged)
@@ -53,10 +57,24 @@ USER_ERRORS = (config_schema.ConfigError, ds.DatasetError, pipeline.SplitError, 
 # Workdir, logging, provenance.
 # =============================================================================================
 
-def setup_workdir(config: ml_collections.ConfigDict, workdir: os.PathLike) -> pathlib.Path:
-  """Validates the config, creates the workdir, logs to a file there and writes config.json."""
+def setup_workdir(config: ml_collections.ConfigDict, workdir: os.PathLike, *,
+                  resuming_check: bool = False, allow_config_change: bool = False) -> pathlib.Path:
+  """Validates the config, creates the workdir, logs to a file there and writes config.json.
+
+  With `resuming_check`, a workdir that holds a checkpoint must have been trained with the same
+  config (train.steps aside: extending a run is what resuming is for); otherwise a ConfigError
+  lists the changed keys, unless `allow_config_change`.
+  """
   config_schema.validate(config, methods.REGISTRY)
   workdir = check_workdir(workdir)
+  if resuming_check:
+    changed = changed_keys(workdir, config)
+    if changed and not allow_config_change:
+      raise config_schema.ConfigError(
+          f"{workdir / 'config.json'}: resuming with changed config keys {', '.join(changed)}; "
+          f"use a new --workdir, or --allow_config_change to resume anyway")
+    if changed:
+      logging.warning("resuming with changed config keys: %s", ", ".join(changed))
   cache = compile_cache.configure(config.train.compilation_cache,
                                   default=default_cache_dir() / "jax_compilation_cache")
   _log_to_file(workdir)
@@ -81,6 +99,30 @@ def check_workdir(workdir: os.PathLike) -> pathlib.Path:
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise WorkdirError(f"--workdir={workdir}: is not writable")
   return workdir
+
+
+def _flat(tree: Mapping, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def changed_keys(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> list[str]:
+  """'key (old -> new)' for each key where `config` differs from the config.json of a workdir that
+  holds a checkpoint (train.steps exempt); [] when there is nothing to resume."""
+  saved_path = workdir / "config.json"
+  latest = workdir / "checkpoints" / "latest"
+  if not saved_path.exists() or not (latest.is_dir() and any(
+      p.name.isdigit() for p in latest.iterdir())):
+    return []
+  saved = _flat(config_schema.with_added_keys(json.loads(saved_path.read_text())))
+  now = _flat(json.loads(json.dumps(config.to_dict())))   # tuples as JSON holds them: lists
+  return [f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in sorted(set(saved) | set(now))
+          if k != "train.steps" and saved.get(k) != now.get(k)]
 
 
 class _QuietLibraries:
@@ -508,13 +550,17 @@ def build(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   return data, mesh, method, state, checkpoints
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike, *,
+                       allow_config_change: bool = False) -> dict:
   """Trains (resuming from the workdir if a checkpoint is there), then evaluates on the test split.
+
+  A resume must use the checkpoint's config (see `setup_workdir`) unless `allow_config_change`.
 
   Returns:
     The summary written to workdir/summary.json.
   """
-  workdir = setup_workdir(config, workdir)
+  workdir = setup_workdir(config, workdir, resuming_check=True,
+                          allow_config_change=allow_config_change)
   data, mesh, method, state, checkpoints = build(config, workdir)
   for k, v in method.parameter_counts(state).items():
     logging.info("parameters %s: %d", k, v)
@@ -591,7 +637,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike, *, method=
   owns = checkpoints is None
   if method is None:
     if not (workdir / "checkpoints").is_dir():   # before anything is written there
-      raise WorkdirError(f"--workdir={workdir}: no checkpoints to evaluate; train first")
+      raise NoRunError(f"--workdir={workdir}: no checkpoint to evaluate; train first")
     workdir = setup_workdir(config, workdir)
     data, _, method, state_template, checkpoints = build(config, workdir)
     predictor = evaluate_lib.make_predictor(method)
@@ -651,10 +697,10 @@ def _format_seconds(seconds: float) -> str:
   return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def main_entry(argv_config, workdir: str, mode: str) -> None:
+def main_entry(argv_config, workdir: str, mode: str, allow_config_change: bool = False) -> None:
   """Called by main.py; kept here so main.py holds no logic."""
   if mode == "train":
-    train_and_evaluate(argv_config, workdir)
+    train_and_evaluate(argv_config, workdir, allow_config_change=allow_config_change)
   elif mode == "evaluate":
     evaluate(argv_config, workdir)
   else:
