@@ -5,13 +5,14 @@ evaluating a workdir that holds no run, a diverged run's message, non-finite met
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
 import pytest
 
 from configs import common
-from unpaired_seg import config_schema, train
+from unpaired_seg import config_schema, train, workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -40,12 +41,12 @@ def test_a_workdir_that_cannot_be_made_or_written_names_itself(tmp_path):
   blocked = tmp_path / "afile"
   blocked.write_text("")
   with pytest.raises(train.WorkdirError, match="cannot be created"):
-    train.check_workdir(blocked / "run")
+    workdir.check_workdir(blocked / "run")
   if os.geteuid() != 0:   # root writes anywhere
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     with pytest.raises(train.WorkdirError, match="is not writable"):
-      train.check_workdir(locked)
+      workdir.check_workdir(locked)
 
 
 def test_evaluating_a_workdir_without_a_run_writes_nothing(tmp_path):
@@ -81,12 +82,12 @@ def test_a_resume_with_changed_keys_lists_them_and_refuses_unless_allowed(tmp_pa
   config.method = "joint"
   (tmp_path / "checkpoints" / "latest" / "4").mkdir(parents=True)
   (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
-  assert train.changed_keys(tmp_path, config) == []
+  assert workdir.changed_keys(tmp_path, config) == []
   config.train.steps += 10                       # extending a run: allowed
-  assert train.changed_keys(tmp_path, config) == []
+  assert workdir.changed_keys(tmp_path, config) == []
   config.train.learning_rate = 0.5
   config.data.image_size = (64, 64)
-  changed = train.changed_keys(tmp_path, config)
+  changed = workdir.changed_keys(tmp_path, config)
   assert [c.split(" ")[0] for c in changed] == ["data.image_size", "train.learning_rate"]
   assert "-> 0.5)" in changed[1]
   with pytest.raises(config_schema.ConfigError, match="train.learning_rate"):
@@ -101,3 +102,31 @@ def test_the_data_commands_list_their_flags():
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert all(flag in out.stdout + out.stderr for flag in expected), module
+
+
+def test_a_live_runs_lock_keeps_a_second_run_out_and_a_dead_ones_does_not(tmp_path):
+  lock = workdir.WorkdirLock(tmp_path).acquire()
+  assert json.loads((tmp_path / workdir.LOCK_FILE).read_text())["pid"] == os.getpid()
+  # Another live process's lock: this process's parent stands in for it.
+  (tmp_path / workdir.LOCK_FILE).write_text(json.dumps(
+      {"host": socket.gethostname(), "pid": os.getppid()}))
+  config = common.get_base_config(tiny=True)
+  config.method = "joint"
+  with pytest.raises(train.WorkdirError, match=f"in use by process {os.getppid()}"):
+    train.train_and_evaluate(config, tmp_path)
+  assert not (tmp_path / "config.json").exists()                 # nothing written
+  # A dead process's lock: a finished child's pid.
+  child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                         capture_output=True, text=True)
+  (tmp_path / workdir.LOCK_FILE).write_text(json.dumps(
+      {"host": socket.gethostname(), "pid": int(child.stdout)}))
+  with workdir.WorkdirLock(tmp_path):
+    assert json.loads((tmp_path / workdir.LOCK_FILE).read_text())["pid"] == os.getpid()
+  assert not (tmp_path / workdir.LOCK_FILE).exists()
+  lock.release()
+
+
+def test_json_outputs_are_readable_by_others(tmp_path):
+  from unpaired_seg.data import pipeline
+  pipeline.write_json_atomic(tmp_path / "summary.json", {"a": 1})
+  assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644

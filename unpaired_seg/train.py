@@ -7,6 +7,7 @@ needs to be reproduced is in the workdir: config.json, splits.json, versions, me
 TensorBoard events (tb/), train.log, checkpoints/{latest,best}, summary.json.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging as std_logging
@@ -27,6 +28,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unpaired_seg import compile_cache, config_schema
+from unpaired_seg import workdir as workdir_lib
+from unpaired_seg.workdir import NoRunError, WorkdirError  # noqa: F401  (part of the API)
 from unpaired_seg import evaluate as evaluate_lib
 from unpaired_seg import methods
 from unpaired_seg import rng
@@ -38,14 +41,6 @@ from unpaired_seg.data import pipeline
 
 class TrainingDiverged(FloatingPointError):
   """A loss or metric became NaN or inf."""
-
-
-class WorkdirError(OSError):
-  """The workdir cannot hold a run (a file, not writable) or holds none to evaluate."""
-
-
-class NoRunError(WorkdirError, FileNotFoundError):
-  """The workdir holds no checkpoint to evaluate."""
 
 
 # What a user's input can get wrong: main.py prints these as one line, without a traceback.
@@ -66,9 +61,9 @@ def setup_workdir(config: ml_collections.ConfigDict, workdir: os.PathLike, *,
   lists the changed keys, unless `allow_config_change`.
   """
   config_schema.validate(config, methods.REGISTRY)
-  workdir = check_workdir(workdir)
+  workdir = workdir_lib.check_workdir(workdir)
   if resuming_check:
-    changed = changed_keys(workdir, config)
+    changed = workdir_lib.changed_keys(workdir, config)
     if changed and not allow_config_change:
       raise config_schema.ConfigError(
           f"{workdir / 'config.json'}: resuming with changed config keys {', '.join(changed)}; "
@@ -85,44 +80,6 @@ def setup_workdir(config: ml_collections.ConfigDict, workdir: os.PathLike, *,
                jax.process_count(), jax.devices())
   logging.info("persistent compilation cache: %s", cache or "off")
   return workdir
-
-
-def check_workdir(workdir: os.PathLike) -> pathlib.Path:
-  """Creates the workdir; a one-line WorkdirError when it is a file or cannot be written."""
-  workdir = pathlib.Path(workdir)
-  if workdir.exists() and not workdir.is_dir():
-    raise WorkdirError(f"--workdir={workdir}: is a file, not a folder")
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise WorkdirError(f"--workdir={workdir}: cannot be created ({e.strerror})") from None
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise WorkdirError(f"--workdir={workdir}: is not writable")
-  return workdir
-
-
-def _flat(tree: Mapping, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def changed_keys(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> list[str]:
-  """'key (old -> new)' for each key where `config` differs from the config.json of a workdir that
-  holds a checkpoint (train.steps exempt); [] when there is nothing to resume."""
-  saved_path = workdir / "config.json"
-  latest = workdir / "checkpoints" / "latest"
-  if not saved_path.exists() or not (latest.is_dir() and any(
-      p.name.isdigit() for p in latest.iterdir())):
-    return []
-  saved = _flat(config_schema.with_added_keys(json.loads(saved_path.read_text())))
-  now = _flat(json.loads(json.dumps(config.to_dict())))   # tuples as JSON holds them: lists
-  return [f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in sorted(set(saved) | set(now))
-          if k != "train.steps" and saved.get(k) != now.get(k)]
 
 
 class _QuietLibraries:
@@ -556,9 +513,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: os.PathLike, 
 
   A resume must use the checkpoint's config (see `setup_workdir`) unless `allow_config_change`.
 
+  A second run in the same workdir stops at once with a WorkdirError while the first is alive
+  (`workdir.WorkdirLock`; process 0 holds it).
+
   Returns:
     The summary written to workdir/summary.json.
   """
+  path = workdir_lib.check_workdir(workdir)
+  lock = workdir_lib.WorkdirLock(path) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _train_and_evaluate(config, path, allow_config_change)
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path, allow_config_change: bool) -> dict:
   workdir = setup_workdir(config, workdir, resuming_check=True,
                           allow_config_change=allow_config_change)
   data, mesh, method, state, checkpoints = build(config, workdir)

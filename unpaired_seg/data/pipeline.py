@@ -571,6 +571,7 @@ def write_text_atomic(path: os.PathLike, text: str) -> None:
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
+    os.chmod(tmp, 0o644)   # mkstemp makes 0600; results are for others to read too
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
