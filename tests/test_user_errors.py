@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import common
@@ -130,3 +131,21 @@ def test_json_outputs_are_readable_by_others(tmp_path):
   from unpaired_seg.data import pipeline
   pipeline.write_json_atomic(tmp_path / "summary.json", {"a": 1})
   assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_and_the_previous_good_one_restored(tmp_path):
+  import jax.numpy as jnp
+  checkpoints = train.Checkpoints(tmp_path, keep=3)
+  good = {"w": jnp.arange(6.0), "b": jnp.ones(3)}
+  checkpoints.save_latest(4, good)
+  checkpoints.save_latest(8, {"w": jnp.arange(6.0) * 2, "b": jnp.zeros(3)})
+  checkpoints.wait()
+  for f in (tmp_path / "checkpoints" / "latest" / "8").rglob("*"):   # a write cut short
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:10])
+  restored, step = checkpoints.restore("latest", good)
+  assert step == 4
+  np.testing.assert_array_equal(restored["w"], good["w"])
+  checkpoints.wait()
+  assert checkpoints.latest.all_steps() == [4]     # the broken step is gone, to be saved anew
+  checkpoints.close()

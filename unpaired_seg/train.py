@@ -381,20 +381,41 @@ class Checkpoints:
                      force=True)
 
   def restore(self, which: str, target):
-    """Restores `which` ('latest' or 'best') into the structure of `target`; None if absent."""
+    """Restores `which` ('latest' or 'best') into the structure of `target`; None if absent.
+
+    A 'latest' checkpoint that cannot be read (a run killed while writing it, a truncated file) is
+    skipped with a warning naming its step and deleted, so that the run resumes from the newest
+    good one and saves that step anew; when none can be read, the newest one's error is raised.
+    """
     manager = self.latest if which == "latest" else self.best
-    step = manager.latest_step() if which == "latest" else manager.best_step()
-    if step is None:
-      return None, None
+    if which == "latest":
+      steps = sorted(manager.all_steps(), reverse=True)
+    else:
+      steps = [] if manager.best_step() is None else [manager.best_step()]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    try:
-      return manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
-    except ValueError as e:
+    first_error, skipped = None, []
+    for step in steps:
+      try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+        first_error = first_error or (step, e)
+        skipped.append(step)
+        continue
+      for bad in skipped:
+        logging.warning("%s: checkpoint of step %d cannot be read (%s); resuming from step %d",
+                        manager.directory, bad, type(first_error[1]).__name__, step)
+        manager.delete(bad)
+      return restored, step
+    if first_error is None:
+      return None, None
+    step, e = first_error
+    if isinstance(e, ValueError):
       # Orbax restores into the structure the config builds; its own message lists leaves only.
       raise ValueError(
           f"{manager.directory / str(step)}: the checkpoint does not fit the state this config "
           f"builds; keys that shape the state (train.ema_decay, train.optimizer, "
           f"train.grad_clip, model.*) may differ from the run that saved it. {e}") from e
+    raise e
 
   def wait(self) -> None:
     self.latest.wait_until_finished()
