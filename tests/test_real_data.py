@@ -60,6 +60,7 @@ def test_prepare_train_evaluate_predict_on_the_real_data(abdomen_root, tmp_path)
   config.data.image_size = (32, 32)         # 6 mm: MR 53 x 53, CT 50..67 in-plane: tiled
   config.data.normalization = "ct=dataset_zscore"
   config.data.split.update(train=0.7, val=0.0, test=0.3)    # 2 training, 1 test subject each
+  config.eval.checkpoint = "latest"         # no validation subject to pick a best one by
   config.eval.metrics = ("dice",)
   config.eval.batch_size = 16
   workdir = train.setup_workdir(config, tmp_path / "run")

@@ -149,3 +149,18 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_the_previous_good_one_rest
   checkpoints.wait()
   assert checkpoints.latest.all_steps() == [4]     # the broken step is gone, to be saved anew
   checkpoints.close()
+
+
+def test_a_split_without_test_or_validation_subjects_stops_before_training(tmp_path):
+  from unpaired_seg.data import pipeline
+  config = common.get_base_config(tiny=True)
+  config.method = "joint"
+  config.data.split.update(train=1.0, val=0.0, test=0.0)
+  with pytest.raises(pipeline.SplitError, match="'mr' gets no test subject"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run" / "splits.json").exists()
+  assert not (tmp_path / "run" / "checkpoints").exists()
+  parts = {"train": ["a"], "val": [], "test": ["b"]}
+  with pytest.raises(pipeline.SplitError, match="no validation subject"):
+    pipeline.check_split_sizes({"modalities": {"ct": parts}}, require_val=True)
+  pipeline.check_split_sizes({"modalities": {"ct": parts}}, require_val=False)

@@ -179,7 +179,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data:
           f"config key 'data.modalities': {m!r} is not in {manifest.root / 'dataset.json'} "
           f"(it has {sorted(manifest.modalities)})")
   splits = pipeline.load_or_create_splits(workdir / "splits.json", manifest, modalities,
-                                          config.data.split.to_dict(), seed=config.seed)
+                                          config.data.split.to_dict(), seed=config.seed,
+                                          require_val=config.eval.checkpoint == "best")
   volumes = {m: ds.load_modality(manifest, m) for m in modalities}
   normalization = pipeline.load_or_fit_normalization(
       workdir / "normalization.json",

@@ -513,6 +513,21 @@ def make_splits(manifest: ds.Manifest, modalities: Sequence[str], split: Mapping
   return result
 
 
+def check_split_sizes(splits: Mapping, *, require_val: bool) -> None:
+  """A SplitError naming `data.split` when a modality has no test subject (the summary would
+  score no volume) or, with `require_val`, no validation subject (the best checkpoint would be
+  picked on nothing)."""
+  for m, parts in splits["modalities"].items():
+    counts = f"{len(parts['train'])} train, {len(parts['val'])} val, {len(parts['test'])} test"
+    if not parts["test"]:
+      raise SplitError(f"config key 'data.split': {m!r} gets no test subject ({counts}); raise "
+                       f"data.split.test or add subjects")
+    if require_val and not parts["val"]:
+      raise SplitError(f"config key 'data.split': {m!r} gets no validation subject ({counts}) to "
+                       f"pick the best checkpoint by; raise data.split.val or set "
+                       f"eval.checkpoint='latest'")
+
+
 def check_no_leakage(splits: Mapping, *, where: str = "splits") -> None:
   """Fails loudly if any subject of any val/test list is a training subject of any modality."""
   mods = splits["modalities"]
@@ -529,8 +544,13 @@ def check_no_leakage(splits: Mapping, *, where: str = "splits") -> None:
 
 
 def load_or_create_splits(path: os.PathLike, manifest: ds.Manifest, modalities: Sequence[str],
-                          split: Mapping[str, float], seed: int) -> dict:
-  """Reuses `path` if it exists (checked against the dataset and the fold), else creates it."""
+                          split: Mapping[str, float], seed: int, *,
+                          require_val: bool = False) -> dict:
+  """Reuses `path` if it exists (checked against the dataset and the fold), else creates it.
+
+  A new split must give every modality a test subject (and, with `require_val`, a validation
+  subject): see `check_split_sizes`.
+  """
   path = pathlib.Path(path)
   folds, fold = _fold_settings(split)
   if path.exists():
@@ -553,6 +573,7 @@ def load_or_create_splits(path: os.PathLike, manifest: ds.Manifest, modalities: 
     check_no_leakage(splits, where=str(path))
     return splits
   splits = make_splits(manifest, modalities, split, seed)
+  check_split_sizes(splits, require_val=require_val)   # before a useless split is written
   write_json_atomic(path, splits)
   return splits
 
