@@ -480,3 +480,23 @@ def test_source_axis_flips_are_read_sorted_and_written_back(root):
   assert manifest.modalities["mr"].source_axis_flips == ()
   written = manifest.to_dict()["modalities"]
   assert written["ct"]["source_axis_flips"] == [1, 2] and "source_axis_flips" not in written["mr"]
+
+
+def test_a_case_whose_image_is_missing_is_an_error_not_a_dropped_case(root):
+  (root / "ct" / "imagesTr" / "case_001.nii.gz").unlink()
+  manifest = dataset.load_manifest(root)
+  with pytest.raises(dataset.DatasetError, match=r"imagesTr/case_001.nii.gz: image not found, "
+                                                 r"but its label"):
+    dataset.list_cases(manifest, "ct")
+  assert dataset.list_cases(manifest, "mr") == ["case_000", "case_001"]
+
+
+def test_an_all_background_label_is_loaded_with_a_warning(root, caplog):
+  dataset.save_nifti(root / "mr" / "labelsTr" / "case_001.nii.gz", np.zeros(SHAPE, np.uint8),
+                     AFFINE)
+  manifest = dataset.load_manifest(root)
+  with caplog.at_level("WARNING"):
+    volume = dataset.load_volume(manifest, "mr", "case_001")
+  assert not volume.label.any()
+  assert any("case_001" in r.getMessage() and "background only" in r.getMessage()
+             for r in caplog.records)

@@ -31,6 +31,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from absl import logging
 
 from unpaired_seg.data import geometry
 
@@ -423,6 +424,16 @@ def list_cases(manifest: Manifest, modality: str) -> list[str]:
                  and len(p.name) > len(ending) and p.is_file())
   if not cases:
     raise DatasetError(f"{images}: no '*{ending}' images for modality {modality!r}")
+  # A label without its image is a case whose image went missing: never drop it silently.
+  labels, known = manifest.root / modality / LABELS_DIR, set(cases)
+  if labels.is_dir():
+    orphans = sorted(p.name for p in labels.iterdir()
+                     if p.name.endswith(ending) and not p.name.startswith(".")
+                     and p.name[:-len(ending)] not in known)
+    if orphans:
+      raise DatasetError(f"{images / orphans[0]}: image not found, but its label "
+                         f"{labels / orphans[0]} is there ({len(orphans)} such case(s) of "
+                         f"modality {modality!r})")
   return cases
 
 
@@ -537,6 +548,8 @@ def load_volume(manifest: Manifest, modality: str, case: str,
       raise DatasetError(f"{label_path}: label affine differs from the affine of {image_path}:\n"
                          f"{label_affine}\nvs\n{affine}")
     label = map_labels(raw, spec, label_path)
+    if not label.any():   # legal (a subject without the organs), but usually a broken export
+      logging.warning("%s: the label of case %r holds background only", label_path, case)
   elif require_label:
     raise DatasetError(f"{label_path}: label file of case {case!r} not found")
 
