@@ -211,3 +211,17 @@ def test_predict_refuses_to_write_into_the_input_folder(run, model, tmp_path):
 def test_a_folder_that_is_not_a_run_is_named(tmp_path):
   with pytest.raises(predict.PredictError, match=f"{tmp_path}.*not a trained run"):
     predict.load_model(tmp_path)
+
+
+def test_a_bad_input_is_found_before_any_output_is_written(run, model, tmp_path):
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  image_path, _ = _source_files(run, "mr", run["data"].cases["test"]["mr"][0].case)
+  shutil.copy(image_path, inputs / "a_good.nii.gz")          # sorts first: predicted first
+  good = nib.load(str(image_path))
+  bad = np.asarray(good.dataobj, np.float32)
+  bad[0, 0, 0] = np.nan
+  nib.save(nib.Nifti1Image(bad, good.affine), str(inputs / "b_bad.nii.gz"))
+  with pytest.raises(predict.PredictError, match="b_bad.nii.gz: image holds NaN"):
+    predict.predict_folder(model, inputs, "mr", tmp_path / "out")
+  assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -244,6 +244,14 @@ def input_files(folder: pathlib.Path) -> list[pathlib.Path]:
   return files
 
 
+def _read_input(path: pathlib.Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+  """An input's voxels and header; a PredictError / DatasetError naming the file if unusable."""
+  image, _ = ds._read_nifti(path)  # noqa: SLF001  (checks 3D and the affine, names the file)
+  if np.issubdtype(image.dtype, np.floating) and not np.all(np.isfinite(image)):
+    raise PredictError(f"{path}: image holds NaN or inf voxels")
+  return image, nib.load(str(path))
+
+
 def predict_folder(model: Model, input_dir: os.PathLike, modality: str,
                    output_dir: os.PathLike, *,
                    source_axis_flips: Sequence[int] | None = None) -> list[pathlib.Path]:
@@ -256,12 +264,12 @@ def predict_folder(model: Model, input_dir: os.PathLike, modality: str,
     source_axis_flips = run_source_axis_flips(model, modality)   # once, not per file
     logging.info("%s: reversing the affine direction of voxel axes %s (the run's)", modality,
                  list(source_axis_flips))
+  files = input_files(source)
+  for path in files:   # every input checked before the first output is written
+    _read_input(path)
   written = []
-  for path in input_files(source):
-    image, _ = ds._read_nifti(path)  # noqa: SLF001  (checks 3D and the affine, names the file)
-    like = nib.load(str(path))
-    if np.issubdtype(image.dtype, np.floating) and not np.all(np.isfinite(image)):
-      raise PredictError(f"{path}: image holds NaN or inf voxels")
+  for path in files:
+    image, like = _read_input(path)
     labels = predict_array(model, image, np.asarray(like.affine, np.float64), modality,
                            name=str(path), source_axis_flips=source_axis_flips)
     target = out / output_name(path)
