@@ -412,3 +412,19 @@ def test_real_abdomen_one_case_each(abdomen_root, tmp_path):
     np.testing.assert_array_equal(geometry.to_source_grid(raw, record),
                                   _read(info["source_label"])[0])
   assert prepare.check_dataset(tmp_path / "abd") == []
+
+
+def test_prepare_writes_the_arrays_that_readers_memory_map(tmp_path):
+  from unpaired_seg.data import arrays
+  manifest = prepare.prepare_abdomen_ctmr(_write_abdomen(tmp_path / "src"), tmp_path / "out",
+                                          spacing=(1.0, 1.0))
+  store = arrays.VolumeStore(manifest, tmp_path / "cache")
+  for modality in manifest.modalities:
+    for volume, decoded in zip(store.modality(modality), dataset.load_modality(manifest, modality)):
+      assert volume.folder == tmp_path / "out" / arrays.ARRAYS_DIR       # nothing decoded again
+      for field in ("image", "label", "affine"):
+        expected, got = getattr(decoded, field), getattr(volume, field)
+        assert expected.dtype == got.dtype
+        np.testing.assert_array_equal(expected, got)
+  assert not store.cache.exists()
+  assert prepare.check_dataset(tmp_path / "out") == []

@@ -24,7 +24,7 @@ def _pad_to(volume: np.ndarray, shape: Sequence[int], value: float) -> np.ndarra
 
 
 # How the oversampled share of a batch is drawn (config key data.oversample); the slice sampler
-# (pipeline.SliceSampler) takes the same modes.
+# (sampler.SliceSampler) takes the same modes.
 OVERSAMPLING = ("foreground", "class")
 
 
@@ -49,7 +49,8 @@ class PatchSampler:
   """Draws 3D patches of a fixed shape, centred on a labelled voxel with some probability.
 
   Args:
-    cases: prepared cases of ONE modality (`pipeline.PreparedCase`: `image`, `label` [h, w, Z]).
+    cases: prepared cases of ONE modality (`image`, `label` [h, w, Z]: a `cases.PreparedCase`
+      or `lazy_cases.LazyCase`).
     batch_size: patches per batch.
     patch_shape: (h, w, d); h, w at most the training view (shorter volumes are padded).
     foreground_fraction: probability that a patch contains a voxel of a labelled structure.
@@ -77,12 +78,14 @@ class PatchSampler:
     # per case and class for class-balanced draws (subsampled per class, so a small organ keeps
     # its voxels).
     self.foreground, self.class_voxels = [], []
+    # One case's label at a time: a lazily read case (`lazy_cases`) is not held after its turn.
     for c in self.cases:
-      fg = np.argwhere(c.label > 0) if c.label is not None else np.zeros((0, 3), np.int64)
+      label = c.label
+      fg = np.argwhere(label > 0) if label is not None else np.zeros((0, 3), np.int64)
       self.foreground.append(fg[:: max(1, len(fg) // 4096)])
       per_class = {}
       if oversample == "class" and len(fg):
-        values = c.label[tuple(fg.T)]
+        values = label[tuple(fg.T)]
         for k in np.unique(values):
           voxels = fg[values == k]
           per_class[int(k)] = voxels[:: max(1, len(voxels) // 4096)]
@@ -110,18 +113,23 @@ class PatchSampler:
       out[b] = (ci, *corner)
     return out
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    """{'image': [B, h, w, d, 1] float32, 'label': [B, h, w, d] int32, 'labelled': [B]}."""
+  def batch(self, step: int, rows: slice | None = None) -> dict[str, np.ndarray]:
+    """{'image': [B, h, w, d, 1] float32, 'label': [B, h, w, d] int32, 'labelled': [B]}.
+
+    `rows` (a process's part of the global batch) loads only those patches.
+    """
     h, w, d = self.patch_shape
     images, labels, labelled = [], [], []
-    for ci, x0, y0, z0 in self.corners(step):
+    corners = self.corners(step)
+    for ci, x0, y0, z0 in (corners if rows is None else corners[rows]):
       c = self.cases[ci]
-      image = _pad_to(c.image, self.patch_shape, float(c.image.min()))
-      label = (np.zeros(c.image.shape, np.uint8) if c.label is None else c.label)
+      image, label = c.image, c.label
+      labelled.append(label is not None)
+      image = _pad_to(image, self.patch_shape, float(image.min()))
+      label = np.zeros(image.shape, np.uint8) if label is None else label
       label = _pad_to(label, self.patch_shape, 0)
       images.append(image[x0:x0 + h, y0:y0 + w, z0:z0 + d])
       labels.append(label[x0:x0 + h, y0:y0 + w, z0:z0 + d])
-      labelled.append(c.label is not None)
     return {"image": np.stack(images)[..., None].astype(np.float32),
             "label": np.stack(labels).astype(np.int32),
             "labelled": np.asarray(labelled, np.float32)}

@@ -30,6 +30,7 @@ import uuid
 import numpy as np
 from scipy import ndimage
 
+from unpaired_seg.data import arrays
 from unpaired_seg.data import dataset
 
 GENERATOR_VERSION = 1
@@ -442,7 +443,8 @@ def generate(root, *, mode: str = "unpaired", num_subjects: int = 20, shape=(64,
   """Writes a complete phantom dataset at `root` and returns its manifest.
 
   Everything is written into a temporary folder beside `root` that is renamed into place at the
-  end, so an interrupted run never leaves a partial dataset at `root`.
+  end, so an interrupted run never leaves a partial dataset at `root`; with the NIfTI files, the
+  .npy arrays that readers memory-map (`arrays`).
 
   Args:
     root: destination folder; must not exist or be empty.
@@ -473,6 +475,7 @@ def generate(root, *, mode: str = "unpaired", num_subjects: int = 20, shape=(64,
   tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
   try:
     _write(settings, tmp)
+    arrays.write_dataset_arrays(tmp)   # readers memory-map these instead of decoding NIfTI
     try:
       # POSIX rename replaces an empty directory but never a non-empty one.
       os.rename(tmp, root)

@@ -6,7 +6,8 @@ Every case is reoriented to canonical RAS (slices along the last axis) and resam
 shared labels at load time. Beside each case, `<out>/geometry/<modality>/<case>.json` holds its
 `GeometryRecord`, source files and `source_axis_flips`, so that predictions go back onto the
 source grid (`geometry.to_source_grid`, then write with the source file's header; the record's
-`source_affine` is that file's affine after any direction correction).
+`source_affine` is that file's affine after any direction correction). `<out>/arrays/` holds every
+case as .npy arrays, which the trainer memory-maps instead of decoding the NIfTI files (`arrays`).
 
 The abdominal CT/MR set (CHAOS T2-SPIR MR + BTCV CT, see the data folder's README). The BTCV CT
 affines reverse the front-to-back direction: in every case they put the stomach, pancreas and
@@ -50,438 +51,35 @@ check: on any problem nothing is left on disk (the dataset is built in a hidden 
 must be absent or an empty folder. `--limit=N` takes the first N cases of each modality.
 """
 
-import dataclasses
 import json
-import math
 import os
 import pathlib
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import nibabel as nib
-import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
 
+from unpaired_seg.data import arrays as arrays_lib
 from unpaired_seg.data import dataset as ds
 from unpaired_seg.data import geometry
-
-ABDOMEN_LABELS = ("background", "liver", "right_kidney", "left_kidney", "spleen")
-# CHAOS MR labels are already the shared values; BTCV CT numbers 13 organs: 6 liver, 2 right
-# kidney, 3 left kidney, 1 spleen; the others (stomach, aorta, ...) are background here.
-ABDOMEN_MR_LABEL_MAP = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4}
-ABDOMEN_CT_LABEL_MAP = {0: 0, 6: 1, 2: 2, 3: 3, 1: 4}
-# Case ids carry the source data set: CHAOS and BTCV subject numbers overlap but are other people.
-# The last entry: voxel axes whose affine direction contradicts the anatomy (module docstring);
-# for BTCV CT axis 1, the anterior-posterior one.
-_ABDOMEN_SOURCES = (("mr", "chaos", ABDOMEN_MR_LABEL_MAP, "error", ()),
-                    ("ct", "btcv", ABDOMEN_CT_LABEL_MAP, "background", (1,)))
-_ABDOMEN_FILE = re.compile(r"(image|label)_([0-9]+)\.nii(\.gz)?")
-
-GEOMETRY_DIR = "geometry"
-OUTPUT_ENDING = ".nii.gz"
-# nnU-Net's channel suffix: <case>_0000.nii.gz is channel 0 of <case>.
-_CHANNEL = re.compile(r"(.+)_([0-9]{4})")
-# A slice axis must be the thickest: an in-plane spacing this much larger than the through-plane
-# one means the volume is not axial (or not canonical) and slicing along Z would be wrong.
-_SLICE_AXIS_RATIO = 1.5
-# Affines of an image and its label may differ by rounding in a writer, not by geometry.
-_AFFINE_ATOL = 1e-4
-# Prepared in-plane spacings equal the target up to float32 storage in the NIfTI header.
-_SPACING_RTOL = 1e-5
-
-
-class PrepareError(ds.DatasetError):
-  """Preparation refused or failed; the message lists every problem with its file."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceCase:
-  """One case to import: where its files are and the case id it gets in the output.
-
-  `axis_flips`: voxel axes whose affine direction is reversed before reorientation
-  (`geometry.reverse_axis_directions`), the modality's manifest `source_axis_flips`.
-  """
-  modality: str
-  case: str
-  image: pathlib.Path
-  label: pathlib.Path
-  axis_flips: tuple[int, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class FolderModality:
-  """One modality of the generic importer.
-
-  Attributes:
-    name: modality name (the output folder name).
-    folder: nnU-Net-style folder with imagesTr/ and labelsTr/.
-    label_map: raw label value -> shared label value.
-    unmapped: 'error' or 'background' for raw values not in `label_map`.
-    normalization: the manifest's normalisation block, e.g. {"scheme": "zscore"}.
-  """
-  name: str
-  folder: pathlib.Path
-  label_map: Mapping[int, int]
-  unmapped: str = "error"
-  normalization: Mapping = dataclasses.field(default_factory=lambda: {"scheme": "zscore"})
-
-
-@dataclasses.dataclass
-class _Plan:
-  """What an import would write: the manifest, the cases, the problems found while listing."""
-  inputs: list[pathlib.Path]
-  manifest: dict
-  cases: list[SourceCase]
-  problems: list[str]
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing command-line specs.
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_spacing(text: str | None) -> tuple[float, float] | None:
-  """'1.5,1.5' -> (1.5, 1.5); '' or None -> None (keep the grid); one value means both axes."""
-  if text is None or not str(text).strip():
-    return None
-  try:
-    values = tuple(float(v) for v in str(text).split(","))
-  except ValueError:
-    values = ()
-  if len(values) == 1:
-    values = values * 2
-  if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values):
-    raise PrepareError(f"--spacing={text!r}: expected two positive in-plane spacings in mm, "
-                       "e.g. 1.5,1.5 (or empty to keep the source grid)")
-  return values
-
-
-def _check_spacing(spacing) -> tuple[float, float] | None:
-  if spacing is None:
-    return None
-  if isinstance(spacing, str):
-    return parse_spacing(spacing)
-  try:
-    values = tuple(float(v) for v in spacing)
-  except (TypeError, ValueError):
-    values = ()
-  if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values):
-    raise PrepareError(f"argument 'spacing' must be two positive in-plane spacings in mm or "
-                       f"None, got {spacing!r}")
-  return values
-
-
-def parse_label_map(text: str) -> tuple[dict[int, int], str]:
-  """'0:0,6:1,2:2,*:0' -> ({0: 0, 6: 1, 2: 2}, 'background'); without '*:0' unmapped is 'error'."""
-  label_map, unmapped = {}, "error"
-  for item in str(text).split(","):
-    item = item.strip()
-    raw, sep, shared = item.partition(":")
-    if raw.strip() == "*" and shared.strip() == "0":
-      unmapped = "background"
-      continue
-    if not sep or not re.fullmatch(r"-?[0-9]+", raw.strip()) \
-        or not re.fullmatch(r"[0-9]+", shared.strip()):
-      raise PrepareError(f"--label_map={text!r}: item {item!r} is not RAW:SHARED with integers "
-                         "(or '*:0' for 'everything else is background')")
-    if int(raw) in label_map:
-      raise PrepareError(f"--label_map={text!r}: raw value {int(raw)} is listed twice")
-    label_map[int(raw)] = int(shared)
-  if not label_map:
-    raise PrepareError(f"--label_map={text!r}: no RAW:SHARED pair")
-  return label_map, unmapped
-
-
-def parse_normalization(text: str) -> dict:
-  """'zscore' | 'minmax' | 'none' | 'clip_zscore:LO:HI' -> the manifest's normalisation block."""
-  parts = str(text).strip().split(":")
-  scheme = parts[0]
-  if scheme in ("zscore", "minmax", "none") and len(parts) == 1:
-    return {"scheme": scheme}
-  if scheme == "clip_zscore" and len(parts) == 3:
-    try:
-      lo, hi = float(parts[1]), float(parts[2])
-    except ValueError:
-      lo, hi = math.nan, math.nan
-    if math.isfinite(lo) and math.isfinite(hi) and lo < hi:
-      return {"scheme": "clip_zscore", "window": [lo, hi]}
-  raise PrepareError(f"--normalization={text!r}: expected zscore, minmax, none or "
-                     "clip_zscore:LO:HI with numbers LO < HI")
-
-
-# ---------------------------------------------------------------------------------------------
-# Listing the sources.
-# ---------------------------------------------------------------------------------------------
-
-
-def _spacing_note(spacing) -> str:
-  return "spacing kept" if spacing is None else f"resampled to {spacing[0]:g} x {spacing[1]:g} mm"
-
-
-def _is_nifti(path: pathlib.Path) -> bool:
-  return path.is_file() and not path.name.startswith(".") and path.name.endswith(ds.FILE_ENDINGS)
-
-
-def _strip_ending(name: str) -> str:
-  for ending in ds.FILE_ENDINGS:
-    if name.endswith(ending):
-      return name[:-len(ending)]
-  return name
-
-
-def _abdomen_plan(input_dir, limit: int | None, spacing) -> _Plan:
-  root = pathlib.Path(input_dir)
-  problems, cases, modalities = [], [], {}
-  for modality, prefix, label_map, unmapped, flips in _ABDOMEN_SOURCES:
-    modalities[modality] = {"label_map": {str(k): v for k, v in label_map.items()},
-                            "normalization": {"scheme": "zscore"}, "unmapped": unmapped,
-                            "source_axis_flips": list(flips)}
-    folder = root / modality
-    if not folder.is_dir():
-      problems.append(f"{folder}: folder of modality {modality!r} not found")
-      continue
-    images, labels = {}, {}
-    for path in sorted(folder.iterdir()):
-      match = _ABDOMEN_FILE.fullmatch(path.name)
-      if match and path.is_file():
-        (images if match.group(1) == "image" else labels)[int(match.group(2))] = path
-    for subject in sorted(set(labels) - set(images)):
-      problems.append(f"{labels[subject]}: label without an image (image_{subject}.nii.gz)")
-    ids = sorted(images)
-    if not ids:
-      problems.append(f"{folder}: no image_<id>.nii.gz files")
-    for subject in ids[:limit]:
-      if subject not in labels:
-        problems.append(f"{images[subject]}: image without a label (label_{subject}.nii.gz)")
-        continue
-      cases.append(SourceCase(modality, f"{prefix}_{subject:02d}", images[subject],
-                              labels[subject], tuple(flips)))
-  spacing_note = _spacing_note(spacing)
-  manifest = {
-      "name": "abdomen_ctmr",
-      "description": (
-          "Unpaired abdominal MR and CT of different people: CHAOS T2-SPIR MR (case ids chaos_*) "
-          "and BTCV contrast CT (btcv_*). Reoriented to RAS, slices along the last axis, in-plane "
-          f"{spacing_note}. MR: raw scanner intensities. CT: uint8 images already windowed to soft "
-          "tissue (not Hounsfield units), so both modalities are z-scored per volume. CT labels "
-          "keep BTCV's 13 organ values; those not shared with MR map to background. The BTCV "
-          "affines contradict the anatomy front-to-back (stomach and pancreas behind the "
-          "kidneys), so CT voxel axis 1 was read with its affine direction reversed "
-          "(source_axis_flips [1]); the voxels are as stored in the source files."),
-      "labels": list(ABDOMEN_LABELS),
-      "paired": False,
-      "file_ending": OUTPUT_ENDING,
-      "modalities": modalities,
-  }
-  return _Plan([root], manifest, cases, problems)
-
-
-def _folder_cases(spec: FolderModality, limit: int | None, problems: list[str]) -> list[SourceCase]:
-  images_dir = pathlib.Path(spec.folder) / ds.IMAGES_DIR
-  labels_dir = pathlib.Path(spec.folder) / ds.LABELS_DIR
-  if not images_dir.is_dir():
-    problems.append(f"{images_dir}: imagesTr folder of modality {spec.name!r} not found")
-    return []
-  images: dict[str, pathlib.Path] = {}
-  for path in sorted(p for p in images_dir.iterdir() if _is_nifti(p)):
-    stem = _strip_ending(path.name)
-    match = _CHANNEL.fullmatch(stem)
-    case = match.group(1) if match else stem
-    if match and match.group(2) != "0000":
-      problems.append(f"{path}: channel {match.group(2)}; one channel per modality is supported "
-                      "(give each channel its own --modality folder)")
-      continue
-    if case in images:
-      problems.append(f"{path}: case {case!r} already has the image {images[case]}")
-      continue
-    images[case] = path
-  labels: dict[str, pathlib.Path] = {}
-  if labels_dir.is_dir():
-    for path in sorted(p for p in labels_dir.iterdir() if _is_nifti(p)):
-      case = _strip_ending(path.name)
-      if case in labels:
-        problems.append(f"{path}: case {case!r} already has the label {labels[case]}")
-        continue
-      labels[case] = path
-  for case in sorted(set(labels) - set(images)):
-    problems.append(f"{labels[case]}: label without an image in {images_dir}")
-  if not images:
-    problems.append(f"{images_dir}: no NIfTI images for modality {spec.name!r}")
-  cases = []
-  for case in sorted(images)[:limit]:
-    if case not in labels:
-      problems.append(f"{images[case]}: image without a label {labels_dir / case}.nii.gz")
-      continue
-    cases.append(SourceCase(spec.name, case, images[case], labels[case]))
-  return cases
-
-
-def _folder_plan(modalities: Sequence[FolderModality], labels: Sequence[str], *, name: str,
-                 paired: bool, limit: int | None, spacing) -> _Plan:
-  if not modalities:
-    raise PrepareError("argument 'modalities' (--modality): at least one modality is needed")
-  names = [m.name for m in modalities]
-  if len(set(names)) != len(names):
-    raise PrepareError(f"argument 'modalities' (--modality): a modality is named twice: {names}")
-  problems, cases = [], []
-  per_modality = {}
-  for spec in modalities:
-    per_modality[spec.name] = _folder_cases(spec, limit, problems)
-    cases.extend(per_modality[spec.name])
-  description = (f"Imported from {', '.join(str(m.folder) for m in modalities)}. Reoriented to "
-                 "RAS, slices along the last axis, in-plane " +
-                 (_spacing_note(spacing)) + ". Label files keep each modality's raw values.")
-  manifest = {"name": name, "description": description, "labels": list(labels), "paired": paired,
-              "file_ending": OUTPUT_ENDING, "modalities": {}}
-  for spec in modalities:
-    entry = {"label_map": {str(k): int(v) for k, v in spec.label_map.items()},
-             "normalization": dict(spec.normalization), "unmapped": spec.unmapped}
-    if not paired:
-      others = {c.case for m, cs in per_modality.items() if m != spec.name for c in cs}
-      clashes = {c.case: f"{spec.name}_{c.case}" for c in per_modality[spec.name]
-                 if c.case in others}
-      if clashes:
-        entry["subjects"] = clashes
-    manifest["modalities"][spec.name] = entry
-  sources = [pathlib.Path(m.folder) for m in modalities]
-  return _Plan(sources, manifest, cases, problems)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checking one case.
-# ---------------------------------------------------------------------------------------------
-
-
-def _spacing_problem(path, affine) -> str | None:
-  """A problem when the canonical slice axis (the last) is not the thickest one."""
-  _, canonical_affine, _ = geometry.to_canonical(np.zeros((1, 1, 1), np.uint8), affine)
-  sx, sy, sz = geometry.spacing_of(canonical_affine)
-  if max(sx, sy) > _SLICE_AXIS_RATIO * sz:
-    return (f"{path}: spacing {sx:.3g} x {sy:.3g} x {sz:.3g} mm after reorientation to RAS: an "
-            "in-plane axis is thicker than the slice axis (not an axial volume?); slices are "
-            "taken along the last (superior-inferior) axis")
-  return None
-
-
-def _check_case(image_path: pathlib.Path, label_path: pathlib.Path | None,
-                spec: ds.ModalitySpec, problems: list[str]):
-  """Reads and checks one image/label pair, appending its problems.
-
-  Returns:
-    (image, label, affine) as stored when the pair has no problem, else None.
-  """
-  count = len(problems)
-  try:
-    image, affine = ds._read_nifti(image_path)  # noqa: SLF001  (the dataset layer's reader)
-  except ds.DatasetError as e:
-    problems.append(str(e))
-    image, affine = None, None
-  if image is not None:
-    if image.dtype != np.bool_ and np.issubdtype(image.dtype, np.floating):
-      bad = int(np.count_nonzero(~np.isfinite(image)))
-      if bad:
-        problems.append(f"{image_path}: image holds {bad} NaN or inf voxel(s)")
-    spacing_problem = _spacing_problem(image_path, affine)
-    if spacing_problem:
-      problems.append(spacing_problem)
-  if label_path is None:
-    return None
-  try:
-    label, label_affine = ds._read_nifti(label_path)  # noqa: SLF001
-  except ds.DatasetError as e:
-    problems.append(str(e))
-    return None
-  try:
-    ds.map_labels(label, spec, label_path)
-  except ds.DatasetError as e:
-    problems.append(str(e))
-  if np.issubdtype(label.dtype, np.signedinteger) and label.size and label.min() < 0:
-    problems.append(f"{label_path}: negative label value {int(label.min())}")
-  if image is None:
-    return None
-  if label.shape != image.shape:
-    problems.append(f"{label_path}: label shape {label.shape} differs from image shape "
-                    f"{image.shape} of {image_path}")
-  elif not np.allclose(label_affine, affine, atol=_AFFINE_ATOL):
-    worst = float(np.max(np.abs(label_affine - affine)))
-    problems.append(f"{label_path}: label affine differs from the affine of {image_path} (by up "
-                    f"to {worst:.4g}; label {np.round(label_affine, 4).tolist()})")
-  if len(problems) > count:
-    return None
-  return image, label, affine
-
-
-def _modality_spec(manifest: dict, modality: str) -> ds.ModalitySpec:
-  entry = manifest["modalities"][modality]
-  return ds.ModalitySpec(name=modality,
-                         label_map={int(k): int(v) for k, v in entry["label_map"].items()},
-                         normalization=dict(entry["normalization"]), subjects={},
-                         unmapped=entry.get("unmapped", "error"))
+# The importer's parts, re-exported: `prepare` is the module callers know.
+from unpaired_seg.data.prepare_check import _check_case, _modality_spec, check_dataset  # noqa: F401
+from unpaired_seg.data.prepare_records import (  # noqa: F401
+    GEOMETRY_DIR, PrepareError, _stored_image, _stored_label, geometry_path, load_geometry)
+from unpaired_seg.data.prepare_sources import (  # noqa: F401
+    ABDOMEN_CT_LABEL_MAP, ABDOMEN_LABELS, ABDOMEN_MR_LABEL_MAP, OUTPUT_ENDING, FolderModality,
+    SourceCase, _abdomen_plan, _check_spacing, _folder_plan, _Plan, parse_label_map,
+    parse_normalization, parse_spacing)
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing.
 # ---------------------------------------------------------------------------------------------
-
-
-def _stored_image(image: np.ndarray, source_dtype: np.dtype) -> np.ndarray:
-  """Resampled float32 intensities in the source's integer type (rounded), else float32.
-
-  Linear interpolation stays within the source's range, so nothing is clipped in practice; the
-  rounding error (<= 0.5 of an integer step) is far below the image noise, and integer volumes
-  are much smaller on disk.
-  """
-  if np.issubdtype(source_dtype, np.integer):
-    info = np.iinfo(source_dtype)
-    return np.clip(np.rint(image), info.min, info.max).astype(source_dtype)
-  return image.astype(np.float32)
-
-
-def _stored_label(label: np.ndarray) -> np.ndarray:
-  """Raw label values as the smallest integer type that holds them (uint8 for most data)."""
-  if label.dtype == np.bool_:
-    return label.astype(np.uint8)
-  if np.issubdtype(label.dtype, np.floating):
-    label = np.rint(label).astype(np.int64)
-  lo, hi = (int(label.min()), int(label.max())) if label.size else (0, 0)
-  for dtype in (np.uint8, np.int16, np.int32):
-    info = np.iinfo(dtype)
-    if info.min <= lo and hi <= info.max:
-      return label.astype(dtype, copy=False)
-  return label.astype(np.int64)
-
-
-def geometry_path(root, modality: str, case: str) -> pathlib.Path:
-  """Where a prepared case's geometry record lives."""
-  return pathlib.Path(root) / GEOMETRY_DIR / modality / f"{case}.json"
-
-
-def load_geometry(root, modality: str, case: str) -> tuple[geometry.GeometryRecord, dict]:
-  """The GeometryRecord of a prepared case and the whole JSON (source files, target spacing).
-
-  Raises:
-    PrepareError: naming the JSON file when it is missing or malformed.
-  """
-  path = geometry_path(root, modality, case)
-  try:
-    obj = json.loads(path.read_text(encoding="utf-8"))
-  except FileNotFoundError:
-    raise PrepareError(f"{path}: geometry record of case {case!r} not found") from None
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise PrepareError(f"{path}: cannot read the geometry record: {e}") from e
-  if not isinstance(obj, dict) or "geometry" not in obj:
-    raise PrepareError(f"{path}: no 'geometry' key")
-  try:
-    record = geometry.GeometryRecord.from_dict(obj["geometry"], where=str(path))
-  except geometry.GeometryError as e:
-    raise PrepareError(str(e)) from e
-  return record, obj
-
 
 def _write_case(tmp_root: pathlib.Path, source: SourceCase, image, label, affine,
                 spacing) -> None:
@@ -563,6 +161,7 @@ def _run(plan: _Plan, output: pathlib.Path | None, spacing) -> list[str]:
         (tmp / modality / ds.IMAGES_DIR).mkdir(parents=True, exist_ok=True)
         (tmp / modality / ds.LABELS_DIR).mkdir(parents=True, exist_ok=True)
       ds.write_manifest(tmp, plan.manifest)
+      arrays_lib.write_dataset_arrays(tmp)   # readers memory-map these instead of decoding NIfTI
       if output.exists():
         output.rmdir()  # checked empty by _check_output
       os.rename(tmp, output)
@@ -662,74 +261,6 @@ def check_folder(modalities: Sequence[FolderModality], labels: Sequence[str], *,
   plan = _folder_plan(modalities, labels, name="check", paired=paired, limit=_check_limit(limit),
                       spacing=None)
   return _run(plan, None, None)
-
-
-def check_dataset(root) -> list[str]:
-  """Every problem of a dataset in the project layout, each naming its file; [] when sound.
-
-  Checks the manifest, every case's image and label (readable, same shape and affine, no NaN/inf,
-  label values in the modality's label_map, slices along the last canonical axis) and, for a
-  case written by this module, that it matches its geometry record (shape, affine, RAS
-  orientation, target in-plane spacing, and the manifest's `source_axis_flips`).
-  """
-  root = pathlib.Path(root)
-  try:
-    manifest = ds.load_manifest(root)
-  except ds.DatasetError as e:
-    return [str(e)]
-  problems = []
-  for modality, spec in manifest.modalities.items():
-    try:
-      cases = ds.list_cases(manifest, modality)
-    except ds.DatasetError as e:
-      problems.append(str(e))
-      continue
-    labels_dir = root / modality / ds.LABELS_DIR
-    if labels_dir.is_dir():
-      for path in sorted(labels_dir.iterdir()):
-        if path.name.endswith(manifest.file_ending) and not path.name.startswith(".") \
-            and path.name[:-len(manifest.file_ending)] not in cases:
-          problems.append(f"{path}: label without an image in {root / modality / ds.IMAGES_DIR}")
-    for case in cases:
-      image_path = root / modality / ds.IMAGES_DIR / f"{case}{manifest.file_ending}"
-      label_path = labels_dir / f"{case}{manifest.file_ending}"
-      if not label_path.is_file():
-        problems.append(f"{label_path}: label file of case {case!r} not found")
-        label_path = None
-      before = len(problems)
-      _check_case(image_path, label_path, spec, problems)
-      record_path = geometry_path(root, modality, case)
-      image_failed = any(p.startswith(f"{image_path}:") for p in problems[before:])
-      if image_failed or not record_path.is_file():
-        continue
-      try:
-        record, info = load_geometry(root, modality, case)
-      except PrepareError as e:
-        problems.append(str(e))
-        continue
-      header = nib.load(str(image_path))  # _check_case read it without a problem
-      shape, affine = tuple(header.shape), np.asarray(header.affine, dtype=np.float64)
-      if shape != tuple(record.resampled_shape) or not np.allclose(
-          affine, np.asarray(record.resampled_affine), atol=_AFFINE_ATOL):
-        problems.append(f"{image_path}: shape {list(shape)} or affine differ from its "
-                        f"geometry record {record_path}")
-      if nib.aff2axcodes(affine) != ("R", "A", "S"):
-        problems.append(f"{image_path}: orientation {''.join(nib.aff2axcodes(affine))}, "
-                        "expected RAS")
-      try:
-        flips = geometry.check_axes(info.get("source_axis_flips", []), "source_axis_flips")
-      except geometry.GeometryError as e:
-        flips = f"unreadable ({e})"
-      if flips != spec.source_axis_flips:
-        problems.append(f"{record_path}: source_axis_flips {flips} differ from manifest key "
-                        f"'modalities.{modality}.source_axis_flips' "
-                        f"{list(spec.source_axis_flips)} of {root / ds.MANIFEST_NAME}")
-      target = info.get("target_spacing")
-      spacing = geometry.spacing_of(affine)[:2]
-      if target is not None and not np.allclose(spacing, target, rtol=_SPACING_RTOL):
-        problems.append(f"{image_path}: in-plane spacing {list(spacing)} mm, its geometry record "
-                        f"{record_path} says {target}")
-  return problems
 
 
 # ---------------------------------------------------------------------------------------------
