@@ -47,7 +47,7 @@ def main():
   import torch
 
   import torch_unet
-  from unpaired_seg import benchmark, methods, rng, train
+  from unpaired_seg import benchmark, distributed, methods, rng, train
 
   torch.set_num_threads(args.threads)
   config = benchmark.load_config(os.path.join(root, args.config))
@@ -55,11 +55,11 @@ def main():
   if config.model.name != "unet" or config.data.context_slices:
     sys.exit(f"--config={args.config}: the twin is a 2D U-Net")
   num_classes = 5
-  mesh = train.make_mesh()
+  mesh = distributed.make_mesh()
   method = methods.create(config, num_classes, tuple(config.data.modalities))
   host = benchmark.random_batch(config, method, num_classes)
-  state = train.replicate(method.init(rng.prng_key(0), host), mesh)
-  batch = train.shard_batch(host, mesh)
+  state = distributed.replicate(method.init(rng.prng_key(0), host), mesh)
+  batch = distributed.shard_batch(host, mesh)
   step = train.make_train_step(method, config)
   h, w = config.data.image_size
   slices = config.train.batch_size * len(config.data.modalities)

@@ -28,7 +28,7 @@ from absl import app, flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from configs import mmsdnet  # noqa: E402
-from unpaired_seg import train  # noqa: E402
+from unpaired_seg.data import loader  # noqa: E402
 from unpaired_seg.methods import mmsdnet_eval  # noqa: E402
 from unpaired_seg.methods import mmsdnet_pairing as pairing_lib  # noqa: E402
 from unpaired_seg.nn import stn as stn_lib  # noqa: E402
@@ -71,7 +71,7 @@ def mean_dice(a: np.ndarray, b: np.ndarray, class_names) -> float:
 def run(config, steps: int, learning_rate: float, seed: int, workdir: pathlib.Path,
         report=print) -> list[dict]:
   """Trains the transformer on the train pairs; returns the test figures every 250 steps."""
-  data = train.load_data(config, workdir)
+  data = loader.load_data(config, workdir)
   num_classes = len(data.class_names)
   fixed_tr, moving_tr = label_pairs(data, "train")
   fixed_te, moving_te = label_pairs(data, "test")

@@ -3,7 +3,8 @@
 import jax
 import pytest
 
-from unpaired_seg import compile_cache, train
+from unpaired_seg import compile_cache
+from unpaired_seg.data import loader
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def test_auto_defaults_to_the_user_cache_folder(tmp_path, monkeypatch, restore_j
   monkeypatch.setenv("UNPAIRED_SEG_CACHE", str(tmp_path / "user"))
   jax.config.update("jax_compilation_cache_dir", None)
   # The folder the trainer passes (train.setup_workdir).
-  default = train.default_cache_dir() / "jax_compilation_cache"
+  default = loader.default_cache_dir() / "jax_compilation_cache"
   path = compile_cache.configure("auto", default=default)
   assert path == tmp_path / "user" / "jax_compilation_cache"
 

@@ -11,7 +11,8 @@ import optax
 import pytest
 
 from configs import common
-from unpaired_seg import config_schema, methods, optim, rng, train
+from unpaired_seg import config_schema, methods, optim, rng
+from unpaired_seg import bookkeeping
 from unpaired_seg.methods import supervised
 from tests.method_steps import traced_once_step, two_modality_batch
 
@@ -199,7 +200,7 @@ def test_predict_uses_the_ema_weights_when_on_and_the_raw_ones_when_off(sgd_poly
 def test_the_ema_state_is_saved_and_restored_by_the_trainers_checkpoints(sgd_poly_ema_run,
                                                                          tmp_path):
   method, batch, states, _ = sgd_poly_ema_run
-  checkpoints = train.Checkpoints(tmp_path, keep=1)
+  checkpoints = bookkeeping.Checkpoints(tmp_path, keep=1)
   checkpoints.save_latest(8, states[-1], force=True)
   checkpoints.wait()
   restored, step = checkpoints.restore("latest", method.init(rng.prng_key(0), batch))

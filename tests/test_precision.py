@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import common, dafnet
-from unpaired_seg import methods, rng, train
+from unpaired_seg import methods, rng
+from unpaired_seg.data import loader
 from unpaired_seg.nn.norms import ModalityNorm
 from unpaired_seg.ops import precision
 from tests.method_steps import traced_once_step, two_modality_batch as _batch
@@ -85,7 +86,7 @@ def test_bfloat16_logits_are_the_float32_logits_to_bfloat16_precision():
 def test_mmsdnet_networks_compute_in_bfloat16_and_return_float32(tmp_path):
   config = dafnet.get_config("tiny")
   config.data.root = str(tmp_path / "paired")
-  data = train.load_data(config, tmp_path / "work")
+  data = loader.load_data(config, tmp_path / "work")
   out = {}
   for dtype in ("float32", "bfloat16"):
     config.train.compute_dtype = dtype

@@ -10,6 +10,9 @@ from jax.sharding import PartitionSpec as P
 
 from configs import common
 from unpaired_seg import train
+from unpaired_seg import bookkeeping
+from unpaired_seg import distributed
+from unpaired_seg.data import loader
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,7 @@ def _config(phantom_root, method="joint", steps=8):
 
 
 def _leaves(workdir, which="latest"):
-  manager = train.Checkpoints(workdir, keep=2)
+  manager = bookkeeping.Checkpoints(workdir, keep=2)
   restored = manager.latest if which == "latest" else manager.best
   step = restored.latest_step()
   tree = restored.restore(step)
@@ -114,10 +117,10 @@ def test_evaluate_mode_rewrites_the_summary_from_the_checkpoint(phantom_root, tm
 
 
 def test_batches_are_sharded_over_the_data_axis():
-  mesh = train.make_mesh()
+  mesh = distributed.make_mesh()
   assert mesh.shape["data"] == jax.device_count() == 2      # tests/conftest.py: two CPU devices
   batch = {"mr": {"image": np.zeros((4, 8, 8, 1), np.float32)}}
-  sharded = train.shard_batch(batch, mesh)
+  sharded = distributed.shard_batch(batch, mesh)
   assert sharded["mr"]["image"].sharding.spec == P("data")
   shards = sharded["mr"]["image"].addressable_shards
   assert sorted(s.data.shape[0] for s in shards) == [2, 2]
@@ -137,7 +140,7 @@ def test_label_fraction_keeps_labels_of_whole_subjects(phantom_root, tmp_path):
   config.data.label_fraction = 0.5
   workdir = tmp_path / "semi"
   workdir.mkdir()
-  data = train.load_data(config, workdir)
+  data = loader.load_data(config, workdir)
   kept = json.loads((workdir / "labelled_subjects.json").read_text())["ct"]
   train_ct = data.cases["train"]["ct"]
   subjects = {c.subject for c in train_ct}
@@ -148,7 +151,7 @@ def test_label_fraction_keeps_labels_of_whole_subjects(phantom_root, tmp_path):
   assert all(c.label is not None for c in data.cases["test"]["ct"])   # evaluation keeps labels
   # The batch flags exactly the samples drawn from labelled subjects; MR stays fully labelled.
   for step in range(4):
-    batch = train.host_batch(data, step)
+    batch = loader.sampler_batch(data, step)
     idx = data.samplers["ct"].indices(step)[:, 0]
     expected = [float(train_ct[i].subject in kept) for i in idx]
     np.testing.assert_array_equal(batch["ct"]["labelled"], expected)
@@ -157,9 +160,9 @@ def test_label_fraction_keeps_labels_of_whole_subjects(phantom_root, tmp_path):
   config.data.label_fraction = 0.0
   zero = tmp_path / "zero"
   zero.mkdir()
-  data0 = train.load_data(config, zero)
+  data0 = loader.load_data(config, zero)
   assert all(c.label is None for c in data0.cases["train"]["ct"])
-  assert train.load_data(config, zero).cases["train"]["ct"][0].label is None
+  assert loader.load_data(config, zero).cases["train"]["ct"][0].label is None
 
 
 def test_resume_after_a_kill_between_a_best_and_a_latest_save(phantom_root, tmp_path):
@@ -179,21 +182,21 @@ def test_resume_after_a_kill_between_a_best_and_a_latest_save(phantom_root, tmp_
 def test_load_data_warns_when_the_training_views_clip_an_organ(phantom_root, tmp_path, caplog):
   config = _config(phantom_root)
   caplog.set_level("INFO")
-  train.load_data(config, tmp_path / "whole")        # the phantom's views are its whole slices
+  loader.load_data(config, tmp_path / "whole")        # the phantom's views are its whole slices
   assert "training views keep" in caplog.text and "data.image_size" not in caplog.text
   caplog.clear()
   config.data.image_size = (12, 12)
-  data = train.load_data(config, tmp_path / "small")
+  data = loader.load_data(config, tmp_path / "small")
   clipped = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
   assert clipped and all("config key 'data.image_size'" in m for m in clipped), caplog.text
-  coverage = train.pipeline.view_coverage(data.cases["train"]["mr"], data.class_names)
-  assert min(coverage.values()) < train.VIEW_COVERAGE_WARNING
+  coverage = loader.pipeline.view_coverage(data.cases["train"]["mr"], data.class_names)
+  assert min(coverage.values()) < loader.VIEW_COVERAGE_WARNING
 
 
 def test_checkpoints_under_a_relative_workdir_are_saved_and_restored(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)   # as `--workdir=runs/mmsdnet` from the repository root
   state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "step": np.array(3, np.int32)}
-  manager = train.Checkpoints(pathlib.Path("runs") / "job", keep=2)
+  manager = bookkeeping.Checkpoints(pathlib.Path("runs") / "job", keep=2)
   manager.save_latest(3, state, force=True)
   manager.save_best(3, state, val_dice=0.5)
   manager.wait()
@@ -206,7 +209,7 @@ def test_checkpoints_under_a_relative_workdir_are_saved_and_restored(tmp_path, m
 
 
 def test_metric_rows_carry_wall_time_that_continues_across_a_resume(tmp_path):
-  writer = train.MetricWriter(tmp_path, resume_step=0)
+  writer = bookkeeping.MetricWriter(tmp_path, resume_step=0)
   writer.write(1, {"loss": 1.0})
   writer.write(2, {"loss": 0.9})
   writer.close()
@@ -215,7 +218,7 @@ def test_metric_rows_carry_wall_time_that_continues_across_a_resume(tmp_path):
   # Resumed from step 1: row 2 is dropped and the clock goes on from row 1's time.
   rows[0]["wall_s"] = 100.0
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  writer = train.MetricWriter(tmp_path, resume_step=1)
+  writer = bookkeeping.MetricWriter(tmp_path, resume_step=1)
   writer.write(2, {"loss": 0.8})
   writer.close()
   rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -14,6 +14,7 @@ import pytest
 
 from configs import common
 from unpaired_seg import config_schema, train, workdir
+from unpaired_seg import bookkeeping
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -60,14 +61,14 @@ def test_evaluating_a_workdir_without_a_run_writes_nothing(tmp_path):
 
 def test_the_divergence_message_says_whether_a_checkpoint_is_kept():
   with pytest.raises(train.TrainingDiverged, match="no checkpoint was saved"):
-    train.check_finite(7, {"loss": float("nan")}, None)
+    bookkeeping.check_finite(7, {"loss": float("nan")}, None)
   with pytest.raises(train.TrainingDiverged, match=r"last good checkpoint \(step 5\) is kept"):
-    train.check_finite(7, {"loss": float("inf")}, 5)
-  train.check_finite(7, {"loss": 1.0}, None)   # finite: nothing raised
+    bookkeeping.check_finite(7, {"loss": float("inf")}, 5)
+  bookkeeping.check_finite(7, {"loss": 1.0}, None)   # finite: nothing raised
 
 
 def test_non_finite_metrics_are_written_as_null(tmp_path):
-  writer = train.MetricWriter(tmp_path, resume_step=0)
+  writer = bookkeeping.MetricWriter(tmp_path, resume_step=0)
   writer.write(1, {"loss": float("nan"), "dice": 0.5, "grad_norm": float("inf")})
   writer.close()
 
@@ -135,7 +136,7 @@ def test_json_outputs_are_readable_by_others(tmp_path):
 
 def test_a_truncated_newest_checkpoint_is_skipped_and_the_previous_good_one_restored(tmp_path):
   import jax.numpy as jnp
-  checkpoints = train.Checkpoints(tmp_path, keep=3)
+  checkpoints = bookkeeping.Checkpoints(tmp_path, keep=3)
   good = {"w": jnp.arange(6.0), "b": jnp.ones(3)}
   checkpoints.save_latest(4, good)
   checkpoints.save_latest(8, {"w": jnp.arange(6.0) * 2, "b": jnp.zeros(3)})

@@ -107,8 +107,8 @@ def _flops(compiled) -> float | None:
 def run(config, steps: int, num_classes: int, matmul_rate: float | None = None,
         profile: bool = False) -> dict:
   """Times compilation and `steps` update steps, and a batch of slice predictions."""
-  from unpaired_seg import methods, rng, train  # after flag parsing
-  mesh = train.make_mesh()
+  from unpaired_seg import distributed, methods, rng, train  # after flag parsing
+  mesh = distributed.make_mesh()
   method = methods.create(config, num_classes, tuple(config.data.modalities),
                           num_data_shards=mesh.shape["data"])
   host = random_batch(config, method, num_classes)
@@ -116,8 +116,8 @@ def run(config, steps: int, num_classes: int, matmul_rate: float | None = None,
   state = method.init(rng.prng_key(config.seed), host)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
-  state = train.replicate(state, mesh)
-  batch = train.shard_batch(host, mesh)
+  state = distributed.replicate(state, mesh)
+  batch = distributed.shard_batch(host, mesh)
   steppers = train.make_train_steps(method, config)
   # Every distinct compiled step the run uses (DualStream's alternate regime: one per modality).
   t0 = time.perf_counter()

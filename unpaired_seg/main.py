@@ -3,6 +3,12 @@
   python -m unpaired_seg.main --config=configs/joint.py --workdir=runs/joint
   python -m unpaired_seg.main --config=configs/joint.py:tiny --config.train.steps=20 --workdir=/tmp/j
   python -m unpaired_seg.main --config=configs/joint.py --workdir=runs/joint --mode=evaluate
+
+Multi-host (one `jax.distributed` job, the same command on every host; see the README):
+
+  python -m unpaired_seg.main --config=configs/joint.py --workdir=gs://.../joint --multihost
+  python -m unpaired_seg.main ... --multihost --coordinator_address=10.0.0.1:1234 \
+      --num_processes=2 --process_id=0
 """
 
 import re
@@ -16,7 +22,16 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/joint
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
 flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (then evaluate) or only evaluate.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods, multi-node).")
+flags.DEFINE_bool("multihost", False,
+                  "Join a multi-process job (jax.distributed.initialize): TPU pods, GPU clusters.")
+flags.DEFINE_string("coordinator_address", None,
+                    "--multihost: host:port of process 0 (detected on Cloud TPU and SLURM).")
+flags.DEFINE_integer("num_processes", None,
+                     "--multihost: processes in the job (detected on Cloud TPU and SLURM).",
+                     lower_bound=1)
+flags.DEFINE_integer("process_id", None,
+                     "--multihost: this process's index, 0..num_processes-1 (detected on Cloud "
+                     "TPU and SLURM).", lower_bound=0)
 flags.DEFINE_bool("allow_config_change", False,
                   "Resume a workdir's run although the config differs from its config.json.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -26,8 +41,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax  # after flag parsing, so XLA flags in the environment apply
+  from unpaired_seg import distributed
+  given = [n for n in ("coordinator_address", "num_processes", "process_id")
+           if FLAGS[n].value is not None]
+  if given and not FLAGS.multihost:
+    sys.exit(f"error: --{given[0]} needs --multihost")
   if FLAGS.multihost:
-    jax.distributed.initialize()
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from unpaired_seg import train
   logging.info("process %d/%d, %d local devices", jax.process_index(), jax.process_count(),
                jax.local_device_count())

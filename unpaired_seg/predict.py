@@ -39,8 +39,8 @@ from absl import app, flags, logging
 from unpaired_seg import config_schema
 from unpaired_seg import evaluate as evaluate_lib
 from unpaired_seg import methods
+from unpaired_seg import bookkeeping
 from unpaired_seg import rng
-from unpaired_seg import train
 from unpaired_seg.data import dataset as ds
 from unpaired_seg.data import geometry
 from unpaired_seg.data import pipeline
@@ -105,7 +105,7 @@ def load_model(workdir: os.PathLike, checkpoint: str = "best") -> Model:
   method = methods.create(config, num_classes=len(info["class_names"]),
                           modalities=tuple(info["modalities"]))
   state = method.init(rng.prng_key(config.seed), _example_batch(info, config))
-  checkpoints = train.Checkpoints(workdir, config.train.keep_checkpoints)
+  checkpoints = bookkeeping.Checkpoints(workdir, config.train.keep_checkpoints)
   try:
     which = checkpoint
     restored, step = checkpoints.restore(which, state)
@@ -183,7 +183,9 @@ def predict_array(model: Model, image: np.ndarray, affine: np.ndarray, modality:
   # The training volumes were read back from files `prepare` stored in the source's type.
   grid_image = prepare._stored_image(grid_image, image.dtype).astype(np.float32)  # noqa: SLF001
   normalised = pipeline.normalize_intensity(grid_image, info["normalization"][modality], name=name)
-  labels = evaluate_lib.predict_volume(
+  # A method with its own volume inference (3D windows) predicts as it was evaluated in training.
+  predict_fn = model.method.predict_volume or evaluate_lib.predict_volume
+  labels = predict_fn(
       model.predictor, model.state, modality, normalised, tile_size=info["image_size"],
       context_slices=info["context_slices"], batch_size=model.config.eval.batch_size,
       overlap=model.config.eval.tile_overlap)

@@ -15,6 +15,7 @@ import pytest
 
 from configs import dafnet, mmsdnet
 from unpaired_seg import config_schema, methods, rng, train
+from unpaired_seg.data import loader
 from unpaired_seg.methods import mmsdnet as mmsdnet_lib
 from unpaired_seg.methods import mmsdnet_eval
 from unpaired_seg.methods import mmsdnet_pairing as pairing_lib
@@ -30,7 +31,7 @@ def setup(tmp_path_factory):
   config.data.root = str(tmp_path_factory.mktemp("phantom") / "paired")
   config.mmsdnet.swa_start = SWA_START
   config.mmsdnet.learning_rate.update(generator=3e-3, mask_disc=3e-3, image_disc=3e-3)
-  data = train.load_data(config, tmp_path_factory.mktemp("work"))
+  data = loader.load_data(config, tmp_path_factory.mktemp("work"))
   method = methods.create(config, num_classes=len(data.class_names), modalities=data.modalities)
   batch = method.host_batch(data, 0)
   state = method.init(rng.prng_key(0), batch)
@@ -546,7 +547,7 @@ def test_misalignment_argument_reaches_the_phantom_and_its_cache_folder(tmp_path
   config = mmsdnet.get_config("tiny,misalignment=2.5")
   config_schema.validate(config, methods.REGISTRY)
   assert config.data.phantom.pair_misalignment == 2.5
-  manifest = train.resolve_dataset(config)
+  manifest = loader.resolve_dataset(config)
   assert manifest.phantom["pair_misalignment"] == 2.5
   assert manifest.root.name.endswith("_misalign2.5")
   with pytest.raises(ValueError, match="misalignment"):

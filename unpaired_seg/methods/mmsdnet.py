@@ -47,7 +47,7 @@ import optax
 
 from unpaired_seg import config_schema as cs
 from unpaired_seg.methods import mmsdnet_pairing as pairing_lib
-from unpaired_seg.methods.base import Method, count_parameters
+from unpaired_seg.methods.base import ExtraResults, Method, count_parameters
 from unpaired_seg.nn import disentangle
 from unpaired_seg.nn import discriminators as disc_lib
 from unpaired_seg.nn import stn as stn_lib
@@ -746,16 +746,17 @@ class MMSDNet(Method):
                          swa_count=count), metrics
 
   # -- host side ------------------------------------------------------------------------------
-  def host_batch(self, data, step: int) -> dict:
+  def host_batch(self, data, step: int, rows: slice | None = None) -> dict:
     """Each modality's sampled slices with their partner candidates; a pure function of `step`."""
     return pairing_lib.host_batch(data, step, pairing=self.settings.pairing, k=self.k,
-                                  window=self.settings.pair_window, seed=self.seed)
+                                  window=self.settings.pair_window, seed=self.seed, rows=rows)
 
   def extra_evaluations(self, state, data, *, config, workdir, settings, checkpoint_step):
     """Multi-input test metrics and the disentanglement analysis (see `mmsdnet_eval`)."""
     from unpaired_seg.methods import mmsdnet_eval  # matplotlib only after training
-    return mmsdnet_eval.extra_evaluations(self, state, data, config=config, workdir=workdir,
-                                          settings=settings)
+    del checkpoint_step
+    return ExtraResults(summary=mmsdnet_eval.extra_evaluations(
+        self, state, data, config=config, workdir=workdir, settings=settings))
 
 
 mmsdnet = MMSDNet

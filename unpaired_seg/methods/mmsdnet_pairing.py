@@ -93,7 +93,8 @@ def candidates(pairing: str, k: int, window: int, case, case_pos: int, z: int,
   return [(p, s) for s in chosen[:k]]
 
 
-def host_batch(data, step: int, *, pairing: str, k: int, window: int, seed: int) -> dict:
+def host_batch(data, step: int, *, pairing: str, k: int, window: int, seed: int,
+               rows: slice | None = None) -> dict:
   """The global batch of `step`: each modality's sampled slices plus their partner candidates.
 
   Args:
@@ -103,6 +104,8 @@ def host_batch(data, step: int, *, pairing: str, k: int, window: int, seed: int)
     k: candidates per slice (from `num_candidates`).
     window: +- slices of 'auto' and 'random'.
     seed: run seed.
+    rows: the part of the global batch to build (a process's rows), None for all of it; the
+      partners of every row are drawn, so that the rows built do not depend on the split.
 
   Returns:
     {modality: {'image' [B, H, W, C], 'label' [B, H, W], 'labelled' [B], 'case_index' [B],
@@ -120,15 +123,15 @@ def host_batch(data, step: int, *, pairing: str, k: int, window: int, seed: int)
   for index, j in enumerate(modalities):
     i = modalities[1 - index]
     sampler = data.samplers[j]
-    b = sampler.batch(step)
+    b = sampler.batch(step, rows)
     cases = data.cases["train"][j]
     partners = data.cases["train"][i]
     partner_index = _by_subject(partners)
     rng = np.random.default_rng([seed, _STREAM, step, index])
+    drawn = [candidates(pairing, k, window, cases[int(ci)], int(ci), int(z), partners,
+                        partner_index, i, rng) for ci, z in sampler.indices(step)]
     pc, ps, images = [], [], []
-    for ci, z in zip(b["case_index"], b["slice_index"]):
-      row = candidates(pairing, k, window, cases[int(ci)], int(ci), int(z), partners,
-                       partner_index, i, rng)
+    for row in (drawn if rows is None else drawn[rows]):
       pc.append([c for c, _ in row])
       ps.append([s for _, s in row])
       images.append(np.stack([pipeline.slice_stack(partners[c].image, np.array([s]),

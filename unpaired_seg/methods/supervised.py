@@ -579,7 +579,7 @@ class PatchSupervised(Supervised):
     self.patch_shape = tuple(config.data.image_size) + (config.train.patch_slices,)
     self._samplers = None
 
-  def host_batch(self, data, step: int) -> dict:
+  def host_batch(self, data, step: int, rows: slice | None = None) -> dict:
     from unpaired_seg.data import patches  # host-side data code, only for 3D
     if self._samplers is None:
       c = self.config
@@ -588,7 +588,7 @@ class PatchSupervised(Supervised):
                                   c.data.foreground_fraction, seed=c.seed, stream=i,
                                   oversample=c.data.oversample)
           for i, m in enumerate(data.modalities)}
-    return {m: s.batch(step) for m, s in self._samplers.items()}
+    return {m: s.batch(step, rows) for m, s in self._samplers.items()}
 
   def predict_volume(self, predict, state, modality: str, image, *, tile_size=None,
                      context_slices: int = 0, batch_size: int = 2, overlap: float = 0.5):
