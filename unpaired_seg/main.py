@@ -3,6 +3,7 @@
   python -m unpaired_seg.main --config=configs/joint.py --workdir=runs/joint
   python -m unpaired_seg.main --config=configs/joint.py:tiny --config.train.steps=20 --workdir=/tmp/j
   python -m unpaired_seg.main --config=configs/joint.py --workdir=runs/joint --mode=evaluate
+  python -m unpaired_seg.main --config=configs/multi_atlas.py --workdir=runs/multi_atlas  # no net
 
 Multi-host (one `jax.distributed` job, the same command on every host; see the README):
 
@@ -46,6 +47,17 @@ def main(argv):
            if FLAGS[n].value is not None]
   if given and not FLAGS.multihost:
     sys.exit(f"error: --{given[0]} needs --multihost")
+  if "baseline" in FLAGS.config:   # configs/{copy,register,multi_atlas}.py: nothing to train
+    if FLAGS.multihost or FLAGS.mode != "train":
+      sys.exit("error: a baseline config (config key 'baseline') runs on one process and has no "
+               "--mode=evaluate: it predicts and scores in one pass")
+    from unpaired_seg.baselines import run as baseline_run
+    try:
+      baseline_run.run(FLAGS.config, FLAGS.workdir)
+    except baseline_run.USER_ERRORS as e:
+      logging.error("%s", e)
+      sys.exit(f"error: {e}")
+    return
   if FLAGS.multihost:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from unpaired_seg import train
