@@ -2,7 +2,8 @@
 
 Runs on the embedded phantom in PAIRED mode (the same subjects in MR and CT, expert pairs), sized
 for a 2-core CPU (64 x 64 slices, narrow networks); the authors' widths are in
-`unpaired_seg.methods.mmsdnet.default_section`.
+`unpaired_seg.methods.mmsdnet.default_section`; why each setting differs from theirs:
+experiments/results/mmsdnet_config.md.
 
   python -m unpaired_seg.main --config=configs/mmsdnet.py --workdir=/tmp/mmsdnet
   python -m unpaired_seg.main --config=configs/mmsdnet.py:tiny --workdir=/tmp/mmsdnet_tiny
@@ -46,43 +47,27 @@ def build(arg, variant: str):
     data.target_modality = args.target
     data.label_fraction = args.label_fraction
 
-  # CPU size: 64 x 64 phantom slices, the anatomy U-Net a quarter of the authors' width (at 8
-  # features and depth 3 with lr 1e-3 it reached a train-slice Dice of 0.2 after 400 steps, at 16
-  # and depth 4 with lr 2e-3 0.6: the narrow one was too slow to learn in a CPU budget), the
-  # other networks narrower still.
+  # Each choice's figures, and the commands they came from: experiments/results/mmsdnet_config.md.
+  # CPU size: 64 x 64 phantom slices, the anatomy U-Net a quarter of the authors' width (narrower
+  # learned too slowly for a CPU budget), the other networks narrower still.
   section.update(anatomy_features=16, anatomy_depth=4, segmentor_features=16, modality_features=8,
                  modality_hidden=16, decoder_features=8, spade_hidden=32, spade_upsamples=4,
                  stn_features=8, stn_hidden=32, image_disc_features=8,
                  mask_disc_features=4 if variant == "mmsdnet" else 8)
-  # The transformer keeps the authors' 1e-4: at the generator's 2e-3 its unbounded offsets drift
-  # and the zero-shot target was lost (CT Dice 0.06 against 0.45, see
-  # experiments/results/mmsdnet_zero_shot_phantom.md).
+  # The transformer keeps the authors' 1e-4: at the generator's 2e-3 its unbounded offsets drift.
   section.learning_rate.update(generator=2e-3, stn=1e-4, mask_disc=1e-3, image_disc=1e-3)
   # Keras' 0.99 leaves a quarter of the initial statistics in after 130 steps: evaluation (which
   # uses the running statistics) of a run of a few hundred steps needs a faster average.
   section.bn_momentum = 0.9
-  # Partner slices move with their own slice's augmentation, so pairs stay aligned: zero-shot CT
-  # multi-input Dice 0.86 against 0.61 with unaugmented partners, fully labelled level (0.87-0.91
-  # either way; experiments/results/mmsdnet_zero_shot_phantom.md).
+  # Partner slices move with their own slice's augmentation, so pairs stay aligned.
   section.augment_partners = True
-  # The transformer stays the identity for the first 300 steps, until the labelled modality has
-  # anchored the anatomies; trained from step 0 it and the label-free target's encoder shifted
-  # against each other and the warp moved the partners' labels away from the slices' (zero-shot
-  # CT multi input 0.578 with the transformer on against 0.859 off; from step 300: 0.875, and
-  # 0.737 against 0.691 with 3x misaligned pairs; but with seed 1 0.609 against 0.768, so it is
-  # no reliable fix; experiments/results/mmsdnet_zero_shot_phantom.md).
-  section.stn_start = 300
+  # The transformer stays the identity until the labelled modality has anchored the anatomies
+  # (trained from step 0, it and the label-free target's encoder shift against each other).
+  section.transformer.start = 300
   # The transformer is trained by a registration term alone (not the authors'): the partner's organ
-  # masks warped onto the slice's (labels where there are, else the segmentor's prediction), the
-  # other losses do not reach it. Trained by every loss it registered no better than the identity
-  # (3x misaligned pairs: label overlap 0.677 unwarped -> 0.688 warped); by the term alone 0.796,
-  # and zero-shot CT multi input 0.787 against 0.737 (STN off 0.691). On the default phantom,
-  # where even ground-truth labels leave it ~0.01 to gain, it is not above STN off (seed 0: 0.852
-  # against 0.875 by every loss and 0.859 off; seed 1: 0.676, 0.609, 0.768):
-  # experiments/results/mmsdnet_zero_shot_phantom.md.
-  section.align_target = "masks"
-  section.stn_trained_by = "align"
-  section.weights.align = 1.0
+  # masks warped onto the slice's (labels where there are, else the segmentor's prediction); it
+  # registers misaligned pairs, which it did not when trained by every loss.
+  section.transformer.update(align_weight=1.0, align_target="masks", trained_by="align")
   section.analysis_slices = 48
   config.model.depth = section.anatomy_depth
   config.train.batch_size = 4
@@ -97,8 +82,8 @@ def build(arg, variant: str):
     section.update(anatomy_features=4, anatomy_depth=2, segmentor_features=8, modality_features=4,
                    modality_hidden=8, decoder_features=4, spade_hidden=8, spade_upsamples=4,
                    stn_features=4, stn_hidden=8, pair_hidden=5, mask_disc_features=2,
-                   image_disc_features=2, disc_padding="SAME", swa_start=4, analysis_slices=8,
-                   stn_start=0)
+                   image_disc_features=2, disc_padding="SAME", swa_start=4, analysis_slices=8)
+    section.transformer.start = 0
     config.model.depth = 2
     config.train.steps = 8
     config.train.log_every = 2

@@ -63,8 +63,8 @@ def _set_steps(config, steps: int) -> None:
   config.train.steps = steps
   if "mmsdnet" in config:
     config.mmsdnet.swa_start = int(0.7 * steps)
-    if config.mmsdnet.stn_start:
-      config.mmsdnet.stn_start = int(0.3 * steps)
+    if config.mmsdnet.transformer.start:
+      config.mmsdnet.transformer.start = int(0.3 * steps)
   config.train.eval_every = config.train.checkpoint_every = max(1, steps // 4)
 
 

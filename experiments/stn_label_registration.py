@@ -29,8 +29,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from configs import mmsdnet  # noqa: E402
 from unpaired_seg.data import loader  # noqa: E402
-from unpaired_seg.methods import mmsdnet_eval  # noqa: E402
-from unpaired_seg.methods import mmsdnet_pairing as pairing_lib  # noqa: E402
+from unpaired_seg.methods.mmsdnet import evaluation as mmsdnet_eval  # noqa: E402
+from unpaired_seg.methods.mmsdnet import pairing as pairing_lib  # noqa: E402
 from unpaired_seg.nn import stn as stn_lib  # noqa: E402
 from unpaired_seg.ops import similarity, tps  # noqa: E402
 

@@ -36,8 +36,8 @@ def test_steps_scale_swa_and_evaluations(script):
   runs = script.phantom_runs(40)
   assert runs["mmsdnet_stn_on"].train.steps == 40
   assert runs["mmsdnet_stn_on"].mmsdnet.swa_start == 28
-  assert runs["mmsdnet_stn_on"].mmsdnet.stn_start == 12
-  assert script.phantom_runs(0)["mmsdnet_stn_on"].mmsdnet.stn_start == 300
+  assert runs["mmsdnet_stn_on"].mmsdnet.transformer.start == 12
+  assert script.phantom_runs(0)["mmsdnet_stn_on"].mmsdnet.transformer.start == 300
   assert runs["joint"].train.eval_every == runs["joint"].train.checkpoint_every == 10
 
 

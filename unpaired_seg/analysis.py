@@ -6,12 +6,13 @@
   * `modality_classifier(z, modality)`: a logistic regression (L2-regularised, fitted with scipy's
     L-BFGS) that predicts the modality from z, its held-out accuracy, and the accuracy of one
     regression per dimension of z.
-  * `save_traversal(images, path)`: a grid of decoded images as each z dimension runs over
-    [-3, 3] (PNG, matplotlib Agg).
+  * `traversal_png(images)`: a grid of decoded images as each z dimension runs over [-3, 3], as
+    PNG bytes (matplotlib Agg); `save_traversal(images, path)` writes them to a file.
 
   python -m pytest -q tests/test_analysis.py
 """
 
+import io
 import pathlib
 from collections.abc import Sequence
 
@@ -165,18 +166,17 @@ def traversal_values(steps: int = 7, limit: float = 3.0) -> np.ndarray:
   return np.linspace(-limit, limit, steps)
 
 
-def save_traversal(images: np.ndarray, path: pathlib.Path, *, row_labels: Sequence[str] = (),
-                   values: Sequence[float] = ()) -> pathlib.Path:
-  """Writes a grid of images (row r: z dimension r; column c: its c-th value) as PNG.
+def traversal_png(images: np.ndarray, *, row_labels: Sequence[str] = (),
+                  values: Sequence[float] = ()) -> bytes:
+  """A grid of images (row r: z dimension r; column c: its c-th value) as PNG bytes.
 
   Args:
     images: [rows, cols, H, W] (or [rows, cols, H, W, 1]) images in [-1, 1].
-    path: the PNG file to write.
     row_labels: one label per row (e.g. 'mr z0').
     values: one value per column, shown above the first row.
 
   Returns:
-    `path`.
+    The PNG file's bytes.
   """
   import matplotlib
   matplotlib.use("Agg")
@@ -186,7 +186,7 @@ def save_traversal(images: np.ndarray, path: pathlib.Path, *, row_labels: Sequen
   if images.ndim == 5 and images.shape[-1] == 1:
     images = images[..., 0]
   if images.ndim != 4:
-    raise ValueError(f"save_traversal: `images` must be [rows, cols, H, W], got {images.shape}")
+    raise ValueError(f"traversal_png: `images` must be [rows, cols, H, W], got {images.shape}")
   rows, cols = images.shape[:2]
   fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.2 * rows), squeeze=False)
   for r in range(rows):
@@ -200,8 +200,17 @@ def save_traversal(images: np.ndarray, path: pathlib.Path, *, row_labels: Sequen
       if c == 0 and len(row_labels) == rows:
         ax.set_ylabel(row_labels[r], fontsize=7)
   fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=80)
+  plt.close(fig)
+  return buffer.getvalue()
+
+
+def save_traversal(images: np.ndarray, path: pathlib.Path, *, row_labels: Sequence[str] = (),
+                   values: Sequence[float] = ()) -> pathlib.Path:
+  """Writes `traversal_png(images, ...)` to `path` (its folder made if needed); returns `path`."""
+  png = traversal_png(images, row_labels=row_labels, values=values)
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  path.write_bytes(png)
   return path

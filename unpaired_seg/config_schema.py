@@ -1,7 +1,8 @@
 """Validation of a resolved config, once, at start-up.
 
-Every key of the config must be declared here (or in a method's own section, registered by the
-method's plug-in), every value must have the declared type and range. A misspelled or unknown key
+Every key of the config must be declared here (or in a method's own section, which the plug-in
+declares in `methods.register_config_sections`: `validate` calls it), every value must have the
+declared type and range. A misspelled or unknown key
 fails with its full dotted name, instead of being ignored as `config.get('x', default)` would.
 """
 
@@ -222,10 +223,18 @@ _METHOD_SECTIONS: dict[str, dict[str, Any]] = {}
 
 
 def register_section(name: str, schema: Mapping[str, Any]) -> None:
-  """Declares a top-level section owned by a method plug-in (e.g. 'kd' or 'mmsdnet')."""
+  """Declares a top-level section owned by a method plug-in (e.g. 'kd' or 'mmsdnet'); declaring
+  it again replaces it."""
   if name in SCHEMA:
     raise ValueError(f"config section {name!r} is already a core section")
   _METHOD_SECTIONS[name] = dict(schema)
+
+
+def method_sections() -> dict[str, Any]:
+  """The sections of the method plug-ins, by name, each declared by `register_config_sections`."""
+  from unpaired_seg import methods  # the plug-ins import this module: only when validating
+  methods.register_config_sections()
+  return dict(_METHOD_SECTIONS)
 
 
 # Keys added after runs were already written, with the value that reproduces what such a run did
@@ -254,14 +263,43 @@ ADDED_KEYS: dict[str, Any] = {
 }
 
 
-def with_added_keys(tree: dict) -> dict:
-  """A saved config (nested dict) with every `ADDED_KEYS` entry it lacks filled in."""
-  for dotted, value in ADDED_KEYS.items():
-    node = tree
-    *parents, key = dotted.split(".")
-    for name in parents:
+# Keys that moved, old dotted name -> new, for the same reason: `with_added_keys` moves them in a
+# saved config.json. The transformer's options that are not the authors' became one sub-section.
+RENAMED_KEYS: dict[str, str] = {
+    "mmsdnet.weights.align": "mmsdnet.transformer.align_weight",
+    "mmsdnet.weights.mean_offset": "mmsdnet.transformer.mean_offset_weight",
+    "mmsdnet.align_target": "mmsdnet.transformer.align_target",
+    "mmsdnet.stn_trained_by": "mmsdnet.transformer.trained_by",
+    "mmsdnet.warp_gradient": "mmsdnet.transformer.warp_gradient",
+    "mmsdnet.stn_start": "mmsdnet.transformer.start",
+}
+
+
+def _node(tree: dict, dotted: str, create: bool = False) -> tuple[dict | None, str]:
+  """(the section that holds the dotted key, or None; the key's last part); `create` makes the
+  sections on the way."""
+  *parents, key = dotted.split(".")
+  node = tree
+  for name in parents:
+    if create:
+      node = node.setdefault(name, {})
+    else:
       node = node.get(name) if isinstance(node, dict) else None
-    if isinstance(node, dict) and key not in node:
+  return (node if isinstance(node, dict) else None), key
+
+
+def with_added_keys(tree: dict) -> dict:
+  """A saved config (nested dict) with its `RENAMED_KEYS` under their new names (a new key wins
+  over an old one) and every `ADDED_KEYS` entry it lacks filled in."""
+  for old, new in RENAMED_KEYS.items():
+    node, key = _node(tree, old)
+    if node is not None and key in node:
+      value = node.pop(key)
+      target, key = _node(tree, new, create=True)
+      target.setdefault(key, value)
+  for dotted, value in ADDED_KEYS.items():
+    node, key = _node(tree, dotted)
+    if node is not None and key not in node:
       node[key] = value
   return tree
 
@@ -274,7 +312,7 @@ def validate(config: ml_collections.ConfigDict, methods: Mapping[str, Any] | Non
     methods: the method registry; when given, `config.method` must be one of its keys.
   """
   tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-  schema = {**SCHEMA, **_METHOD_SECTIONS}
+  schema = {**SCHEMA, **method_sections()}
   _walk(tree, schema, prefix="", required=set(SCHEMA))
   if methods is not None and tree["method"] not in methods:
     raise ConfigError(f"config key 'method': {tree['method']!r} is not one of {sorted(methods)}")

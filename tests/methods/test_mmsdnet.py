@@ -1,9 +1,16 @@
-"""MMSDNet/DAFNet plug-in: each update lowers its own loss, one trace, SWA, zero-shot, pairing.
+"""MMSDNet/DAFNet plug-in: each update lowers its own loss, one trace, SWA, the transformer's
+options, zero-shot, inference and the test-time extras.
 
-One tiny DAFNet (image discriminators included) on a tiny paired phantom; the jitted step is
-compiled once for the module and every step test reuses it.
+One tiny DAFNet (image discriminators included) on the session's tiny paired phantom
+(conftest.py): its jitted step is compiled once for the module, and the states of its first six
+steps are shared by the tests that train. A method that differs from it only in its loss
+settings has the same networks, so it starts from the same initial state. Host-side pieces
+(pairing, configs) are in test_mmsdnet_host.py.
+
+  python -m pytest -q tests/methods/test_mmsdnet.py
 """
 
+import json
 import types
 
 import chex
@@ -13,47 +20,68 @@ import numpy as np
 import optax
 import pytest
 
-from configs import dafnet, mmsdnet
-from unpaired_seg import config_schema, methods, rng, train
-from unpaired_seg.data import loader
-from unpaired_seg.methods import mmsdnet as mmsdnet_lib
-from unpaired_seg.methods import mmsdnet_eval
-from unpaired_seg.methods import mmsdnet_pairing as pairing_lib
+from unpaired_seg import config_schema, methods, rng
+from unpaired_seg.methods.mmsdnet import evaluation as mmsdnet_eval
+from unpaired_seg.methods.mmsdnet import generator_loss as generator_lib
+from unpaired_seg.methods.mmsdnet import networks, terms
 from unpaired_seg.ops import similarity, tps
 from tests.method_steps import traced_once_step
 
-SWA_START = 2
+STEPS = 6
+# Every generator term but the transformer's own off.
+NO_TERMS = dict(kl=0.0, sup=0.0, adv_mask=0.0, rec=0.0, adv_image=0.0, z_rec=0.0)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  config = dafnet.get_config("tiny")
-  config.data.root = str(tmp_path_factory.mktemp("phantom") / "paired")
-  config.mmsdnet.swa_start = SWA_START
-  config.mmsdnet.learning_rate.update(generator=3e-3, mask_disc=3e-3, image_disc=3e-3)
-  data = loader.load_data(config, tmp_path_factory.mktemp("work"))
+def setup(mmsdnet_phantom):
+  config, data = mmsdnet_phantom.config, mmsdnet_phantom.data
   method = methods.create(config, num_classes=len(data.class_names), modalities=data.modalities)
   batch = method.host_batch(data, 0)
   state = method.init(rng.prng_key(0), batch)
   step = traced_once_step(method)
   return types.SimpleNamespace(config=config, data=data, method=method, batch=batch,
-                               state=state, step=step)
+                               state=state, step=step, swa_start=config.mmsdnet.swa_start,
+                               stn_start=config.mmsdnet.transformer.start)
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+  """states[i]: the state after i steps on the fixed batch (states[0] the initial one);
+  metrics[i]: the metrics of step i."""
+  states, metrics = [setup.state], []
+  for _ in range(STEPS):
+    state, m = setup.step(states[-1], setup.batch)
+    states.append(state)
+    metrics.append(jax.device_get(m))
+  return types.SimpleNamespace(states=states, metrics=metrics)
+
+
+def _variant(setup, weights=None, **transformer):
+  """The module's method with other loss weights and transformer options (same networks)."""
+  config = setup.config.copy_and_resolve_references()
+  config.mmsdnet.weights.update(weights or {})
+  config.mmsdnet.transformer.update(transformer)
+  return methods.create(config, num_classes=len(setup.data.class_names),
+                        modalities=setup.data.modalities)
+
+
+def _generator(setup):
+  return setup.state.params["generator"], setup.state.stats["generator"]
 
 
 def _copy(tree):
   return jax.tree.map(lambda x: np.array(x), tree)
 
 
-def test_generator_step_lowers_its_loss_with_finite_gradients_in_one_trace(setup):
-  state, losses = setup.state, []
-  for _ in range(6):
-    state, metrics = setup.step(state, setup.batch)
+def test_generator_step_lowers_its_loss_with_finite_gradients_in_one_trace(setup, trained):
+  for metrics in trained.metrics:
     assert np.isfinite(float(metrics["generator_grad_norm"]))
     assert float(metrics["generator_grad_norm"]) > 0
     assert all(np.isfinite(float(v)) for v in metrics.values())
-    losses.append(float(metrics["generator_loss"]))
+  losses = [float(m["generator_loss"]) for m in trained.metrics]
   assert losses[-1] < losses[0], losses
-  assert int(state.step) == 6
+  state = trained.states[-1]
+  assert int(state.step) == STEPS
   # The discriminators moved too (each has its own optimiser in the same step).
   for part in ("mask_disc", "image_disc"):
     before = jax.tree.leaves(setup.state.params[part])
@@ -66,23 +94,15 @@ def test_the_spatial_transformer_takes_its_own_learning_rate(setup):
   assert "transformer" in params["params"] and len(params) > 1      # norm collections too
   grads = jax.tree.map(jnp.ones_like, params)
   for rate, stn_rate in ((1e-2, 1e-4), (1e-2, 0.0)):
-    tx = mmsdnet_lib.generator_optimizer(rate, stn_rate)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    tx = networks.generator_optimizer(rate, stn_rate)
+    # Jitted: op-by-op, the update of each of the generator's leaves dispatches its own ops.
+    updates = jax.jit(lambda g, p, tx=tx: tx.update(g, tx.init(p), p)[0])(grads, params)
     # Adam's first step is the rate itself for a constant gradient.
     for collection, tree in updates.items():
       for module, sub in (tree.items() if collection == "params" else [(collection, tree)]):
         expected = stn_rate if (module == "transformer" and stn_rate) else rate
         for leaf in jax.tree.leaves(sub):
           np.testing.assert_allclose(np.asarray(leaf), -expected, rtol=1e-4, err_msg=module)
-
-
-def _align_method(setup, target):
-  config = setup.config.copy_and_resolve_references()
-  config.mmsdnet.weights.update(kl=0.0, sup=0.0, adv_mask=0.0, rec=0.0, adv_image=0.0, z_rec=0.0,
-                                align=1.0)
-  config.mmsdnet.align_target = target
-  return methods.create(config, num_classes=len(setup.data.class_names),
-                        modalities=setup.data.modalities)
 
 
 def _own_and_partner_anatomies(method, params, stats, batch):
@@ -92,20 +112,27 @@ def _own_and_partner_anatomies(method, params, stats, batch):
   for m, other in (("mr", "ct"), ("ct", "mr")):
     images = batch[m]["image"]
     stacked = jnp.concatenate([images, batch[other]["partner_image"][:, 0]])
-    factors = method._gen(params, stats, "anatomy", stacked, m, train=True)[0]
+    factors = method.apply_generator(params, stats, "anatomy", stacked, m, train=True)[0]
     own[m], partner[other] = factors[:len(images)], factors[len(images):]
   return own, partner
 
 
-def test_the_anatomy_alignment_term_is_the_soft_dice_of_the_partner_anatomies(setup):
-  method = _align_method(setup, "anatomy")
-  state = method.init(rng.prng_key(0), setup.batch)
-  params, stats = state.params["generator"], state.stats["generator"]
-  loss, (_, metrics, _) = method.generator_loss(params, stats, state.params, state.stats,
-                                                setup.batch, rng.prng_key(1))
+@pytest.fixture(scope="module")
+def anatomies(setup):
+  """(own, partner) anatomies of the initial state on the fixed batch, as the tests' reference."""
+  # Jitted: op-by-op dispatch of two U-Net passes costs more than compiling them.
+  return jax.jit(lambda p, st, b: _own_and_partner_anatomies(setup.method, p, st, b))(
+      *_generator(setup), setup.batch)
+
+
+def test_the_anatomy_alignment_term_is_the_soft_dice_of_the_partner_anatomies(setup, anatomies):
+  method = _variant(setup, NO_TERMS, align_weight=1.0, align_target="anatomy")
+  params, stats = _generator(setup)
+  loss, (_, metrics, _) = jax.jit(method.generator_loss)(
+      params, stats, setup.state.params, setup.state.stats, setup.batch, rng.prng_key(1))
   # Untrained, the warp is the identity: the term is 1 - soft Dice of each slice's anatomy and
   # its partner's, pooled over channels; it is the whole loss here.
-  own, partner = _own_and_partner_anatomies(method, params, stats, setup.batch)
+  own, partner = anatomies
   dice = similarity.soft_dice_per_sample(jnp.concatenate([own["mr"], own["ct"]]),
                                          jnp.concatenate([partner["mr"], partner["ct"]]))
   np.testing.assert_allclose(float(metrics["align"]), 1.0 - float(jnp.mean(dice)), rtol=1e-5)
@@ -118,12 +145,36 @@ def _numpy_class_dice(a, b, smooth=1e-6):
           / (np.sum(a, axis=(1, 2)) + np.sum(b, axis=(1, 2)) + smooth))
 
 
+def _adam_steps(loss_fn, params, count: int, learning_rate: float = 1e-2):
+  """`count` jitted Adam steps on `loss_fn`: (the values, the first step's gradients)."""
+  tx = optax.adam(learning_rate)
+
+  @jax.jit
+  def step(p, o):
+    value, g = jax.value_and_grad(loss_fn)(p)
+    updates, o = tx.update(g, o, p)
+    return optax.apply_updates(p, updates), o, value, g
+
+  opt, values, first = tx.init(params), [], None
+  for _ in range(count):
+    params, opt, value, grads = step(params, opt)
+    values.append(float(value))
+    first = grads if first is None else first
+  return values, first
+
+
+def _split_transformer_grads(grads):
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  stn = [g for path, g in flat if "transformer" in jax.tree_util.keystr(path)]
+  rest = [g for path, g in flat if "transformer" not in jax.tree_util.keystr(path)]
+  return stn, rest
+
+
 @pytest.mark.parametrize("target", ["anatomy", "masks"])
-def test_the_alignment_term_trains_only_the_transformer_and_falls(setup, target):
-  method = _align_method(setup, target)
-  state = method.init(rng.prng_key(0), setup.batch)
-  params, stats = state.params["generator"], state.stats["generator"]
-  own, partner = _own_and_partner_anatomies(method, params, stats, setup.batch)
+def test_the_alignment_term_trains_only_the_transformer_and_falls(setup, anatomies, target):
+  method = _variant(setup, NO_TERMS, align_weight=1.0, align_target=target)
+  params, stats = _generator(setup)
+  own, partner = anatomies
   cand = {"mr": partner["mr"], "ct": partner["ct"]}          # candidates aligned onto mr / ct
   fixed = jnp.concatenate([own["mr"], own["ct"]])
   # CT unlabelled: its target is the segmentor's prediction (any soft mask), MR's its label.
@@ -132,142 +183,120 @@ def test_the_alignment_term_trains_only_the_transformer_and_falls(setup, target)
            ("ct", "own"): jax.nn.softmax(jax.random.normal(rng.prng_key(2), shape))}
   y = {m: jnp.asarray(setup.batch[m]["label"]) for m in ("mr", "ct")}
   labelled = {"mr": jnp.ones(shape[0]), "ct": jnp.zeros(shape[0])}
+  batch = {m: {"label": y[m], "labelled": labelled[m]} for m in ("mr", "ct")}
 
   def loss_fn(p):
-    return method._alignment_loss(p, stats, cand, fixed, probs, y, labelled, None)
+    return generator_lib.alignment_loss(method, p, stats, cand, fixed, probs, batch, None)
 
+  values, grads = _adam_steps(loss_fn, params, 8)
   if target == "masks":
     # Independent reference at the identity warp: candidates' softmax masks (one segmentor pass)
     # against MR's one-hot labels and CT's given soft masks, per organ, background left out.
     moving = jnp.concatenate([cand["mr"], cand["ct"]])
-    logits = method._gen(params, stats, "segment", moving, "mr", train=True)[0]
+    logits = jax.jit(lambda p, x: method.apply_generator(p, stats, "segment", x, "mr",
+                                                         train=True)[0])(params, moving)
     masks = np.asarray(jax.nn.softmax(logits, -1))[..., 1:]
     targets = np.concatenate([np.eye(shape[-1])[np.asarray(y["mr"])],
                               np.asarray(probs[("ct", "own")])])[..., 1:]
-    np.testing.assert_allclose(float(loss_fn(params)),
-                               1.0 - np.mean(_numpy_class_dice(masks, targets)), rtol=1e-5)
-  grads = jax.grad(loss_fn)(params)
-  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-  stn = [g for path, g in flat if "transformer" in jax.tree_util.keystr(path)]
-  rest = [g for path, g in flat if "transformer" not in jax.tree_util.keystr(path)]
+    np.testing.assert_allclose(values[0], 1.0 - np.mean(_numpy_class_dice(masks, targets)),
+                               rtol=1e-5)
+  stn, rest = _split_transformer_grads(grads)
   assert rest and all(float(jnp.abs(g).max()) == 0.0 for g in rest)
   assert any(float(jnp.abs(g).max()) > 0 for g in stn)
-  tx = optax.adam(1e-2)
-  opt = tx.init(params)
-
-  @jax.jit
-  def adam_step(p, o):
-    value, g = jax.value_and_grad(loss_fn)(p)
-    updates, o = tx.update(g, o, p)
-    return optax.apply_updates(p, updates), o, value
-
-  values = []
-  for _ in range(8):
-    params, opt, value = adam_step(params, opt)
-    values.append(float(value))
   assert np.all(np.isfinite(values)) and values[-1] < values[0], values
 
 
-def test_the_mean_offset_term_penalises_the_offsets_every_pair_shares(setup):
-  config = setup.config.copy_and_resolve_references()
-  config.mmsdnet.weights.update(kl=0.0, sup=0.0, adv_mask=0.0, rec=0.0, adv_image=0.0, z_rec=0.0,
-                                align=0.0, mean_offset=2.0)
-  config.mmsdnet.stn_trained_by = "all"
-  method = methods.create(config, num_classes=len(setup.data.class_names),
-                          modalities=setup.data.modalities)
-  state = method.init(rng.prng_key(0), setup.batch)
-  params, stats = state.params["generator"], state.stats["generator"]
+def _with_offsets(params, kernel, bias):
+  """`params` with the transformer's last layer (its control-point offsets) replaced."""
+  out = jax.tree.map(lambda x: x, params)
+  out["params"]["transformer"]["localisation"]["offsets"] = {"kernel": kernel, "bias": bias}
+  return out
+
+
+def test_the_mean_offset_term_penalises_the_offsets_every_pair_shares(setup, anatomies):
+  method = _variant(setup, NO_TERMS, align_weight=0.0, mean_offset_weight=2.0, trained_by="all")
+  params, stats = _generator(setup)
   # Hand case: a zero kernel in the last layer gives every pair the bias as its offsets, so the
   # batch's mean field is the bias in both directions and the term is mean(bias^2).
   bias = 0.01 * np.arange(50, dtype=np.float32) - 0.2
   layer = params["params"]["transformer"]["localisation"]["offsets"]
-  shared = jax.tree.map(lambda x: x, params)
-  shared["params"]["transformer"]["localisation"]["offsets"] = {
-      "kernel": jnp.zeros_like(layer["kernel"]), "bias": jnp.asarray(bias)}
-  loss, (_, metrics, _) = method.generator_loss(shared, stats, state.params, state.stats,
-                                                setup.batch, rng.prng_key(1))
+  shared = _with_offsets(params, jnp.zeros_like(layer["kernel"]), jnp.asarray(bias))
+  loss, (_, metrics, _) = jax.jit(method.generator_loss)(
+      shared, stats, setup.state.params, setup.state.stats, setup.batch, rng.prng_key(1))
   np.testing.assert_allclose(float(metrics["mean_offset"]), np.mean(bias ** 2), rtol=1e-5)
   np.testing.assert_allclose(float(loss), 2.0 * np.mean(bias ** 2), rtol=1e-5)
 
-  own, partner = _own_and_partner_anatomies(method, params, stats, setup.batch)
+  own, partner = anatomies
   cand = {"mr": partner["mr"], "ct": partner["ct"]}
-  fixed = mmsdnet_lib._Stack([own["mr"], own["ct"]])
+  fixed = terms.Stack([own["mr"], own["ct"]])
 
   def loss_fn(p, active=None):
-    return method._mean_offset_loss(p, stats, cand, fixed, active)
+    return generator_lib.mean_offset_loss(method, p, stats, cand, fixed, active)
 
   # Random weights: the reference averages each direction's offsets over its pairs in numpy.
-  rand = jax.tree.map(lambda x: x, params)
-  rand["params"]["transformer"]["localisation"]["offsets"] = {
-      "kernel": 0.05 * jax.random.normal(rng.prng_key(3), layer["kernel"].shape),
-      "bias": jnp.zeros_like(layer["bias"])}
-  offsets = np.asarray(method._gen(rand, stats, "displacements",
-                                   jnp.concatenate([cand["mr"], cand["ct"]]), fixed.value)[0])
+  rand = _with_offsets(params, 0.05 * jax.random.normal(rng.prng_key(3), layer["kernel"].shape),
+                       jnp.zeros_like(layer["bias"]))
+  offsets = np.asarray(jax.jit(lambda p, x, f: method.apply_generator(
+      p, stats, "displacements", x, f)[0])(rand, jnp.concatenate([cand["mr"], cand["ct"]]),
+                                           fixed.value))
   n = own["mr"].shape[0]
   reference = np.mean([np.mean(offsets[:n], 0) ** 2, np.mean(offsets[n:], 0) ** 2])
   assert reference > 0
-  np.testing.assert_allclose(float(loss_fn(rand)), reference, rtol=1e-5)
-  assert float(loss_fn(rand, jnp.asarray(False))) == 0.0          # before stn_start
-  grads = jax.grad(loss_fn)(rand)
-  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-  assert all(float(jnp.abs(g).max()) == 0.0 for path, g in flat
-             if "transformer" not in jax.tree_util.keystr(path))
-  tx = optax.adam(1e-2)
-  opt, values = tx.init(rand), []
-  step = jax.jit(lambda p, o: (lambda v, g: (v, *tx.update(g, o, p)))(
-      *jax.value_and_grad(loss_fn)(p)))
-  for _ in range(5):
-    value, updates, opt = step(rand, opt)
-    rand = optax.apply_updates(rand, updates)
-    values.append(float(value))
+  values, grads = _adam_steps(loss_fn, rand, 5)
+  np.testing.assert_allclose(values[0], reference, rtol=1e-5)
+  assert float(jax.jit(loss_fn)(rand, jnp.asarray(False))) == 0.0  # before transformer.start
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in _split_transformer_grads(grads)[1])
   assert values[-1] < values[0], values
 
 
-def _transformer_grads(method, state, batch):
-  # Jitted: op-by-op dispatch of the generator's gradient costs more than compiling it.
-  grads = jax.jit(jax.grad(method.generator_loss, has_aux=True))(
-      state.params["generator"], state.stats["generator"], state.params, state.stats, batch,
-      rng.prng_key(1))[0]
-  return grads["params"]["transformer"], grads
+def _transformer_and_encoder_grads(method, state, batch):
+  """The generator loss' gradients of the transformer and of the anatomy encoders' last layer
+  (which every term's gradient to the encoders passes): (transformer's, encoder head's)."""
+  params = state.params["generator"]
+
+  def loss(part):
+    tree = {**params["params"], "transformer": part["transformer"],
+            "anatomy_encoder": {**params["params"]["anatomy_encoder"], "head": part["head"]}}
+    return method.generator_loss({**params, "params": tree}, state.stats["generator"],
+                                 state.params, state.stats, batch, rng.prng_key(1))[0]
+
+  # Jitted: op-by-op dispatch costs more than compiling. Only these parameters' gradients: the
+  # others' would add most of the backward pass to the program.
+  grads = jax.jit(jax.grad(loss))({"transformer": params["params"]["transformer"],
+                                   "head": params["params"]["anatomy_encoder"]["head"]})
+  return grads["transformer"], grads["head"]
 
 
-def test_stn_trained_by_align_leaves_the_transformer_to_the_registration_term(setup):
-  config = setup.config.copy_and_resolve_references()
-  config.mmsdnet.update(stn_trained_by="align", align_target="masks")
-  config.mmsdnet.weights.align = 2.0
-  full = methods.create(config, num_classes=len(setup.data.class_names),
-                        modalities=setup.data.modalities)
-  state = full.init(rng.prng_key(0), setup.batch)
-  only = config.copy_and_resolve_references()
-  only.mmsdnet.weights.update(kl=0.0, sup=0.0, adv_mask=0.0, rec=0.0, adv_image=0.0, z_rec=0.0)
-  align_only = methods.create(only, num_classes=len(setup.data.class_names),
-                              modalities=setup.data.modalities)
-  stn_full, grads_full = _transformer_grads(full, state, setup.batch)
-  stn_align, _ = _transformer_grads(align_only, state, setup.batch)
+def test_stn_trained_by_align_leaves_the_transformer_to_the_registration_term(setup, anatomies):
+  weight = 2.0
+  full = _variant(setup, trained_by="align", align_target="masks", align_weight=weight)
+  stn_full, encoder = _transformer_and_encoder_grads(full, setup.state, setup.batch)
+  # The registration term alone, from the same anatomies (the generator's pass over each
+  # modality's slices and partners): every slice is labelled, so its targets are the labels.
+  assert all(np.all(setup.batch[m]["labelled"] == 1) for m in setup.data.modalities)
+  own, partner = anatomies
+  params, stats = _generator(setup)
+  probs = {(m, "own"): jnp.zeros(setup.batch[m]["label"].shape + (full.num_classes,))
+           for m in setup.data.modalities}
+  grads_align = jax.jit(jax.grad(lambda p: weight * generator_lib.alignment_loss(
+      full, p, stats, partner, jnp.concatenate([own["mr"], own["ct"]]), probs, setup.batch,
+      None)))(params)
+  stn_align = grads_align["params"]["transformer"]
   # Every other term is in the loss (the encoders get their gradients) but adds nothing to the
   # transformer's: it gets exactly the registration term's.
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(stn_align))
   chex.assert_trees_all_close(stn_full, stn_align, rtol=1e-5, atol=1e-8)
-  encoder = grads_full["params"]["anatomy_encoder"]
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(encoder))
   # With the warp's gradient cut (straight-through) the transformer is the term's alone too, even
   # when every loss may train it.
-  detached = config.copy_and_resolve_references()
-  detached.mmsdnet.update(stn_trained_by="all", warp_gradient="identity")
-  detached = methods.create(detached, num_classes=len(setup.data.class_names),
-                            modalities=setup.data.modalities)
-  stn_detached, grads_detached = _transformer_grads(detached, state, setup.batch)
+  detached = _variant(setup, trained_by="all", warp_gradient="identity", align_weight=weight)
+  stn_detached, encoder = _transformer_and_encoder_grads(detached, setup.state, setup.batch)
   chex.assert_trees_all_close(stn_detached, stn_align, rtol=1e-5, atol=1e-8)
-  encoder = grads_detached["params"]["anatomy_encoder"]
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(encoder))
-  config.mmsdnet.weights.align = 0.0
-  with pytest.raises(config_schema.ConfigError, match="mmsdnet.stn_trained_by"):
-    methods.create(config, num_classes=len(setup.data.class_names),
-                   modalities=setup.data.modalities)
-  config.mmsdnet.update(stn_trained_by="all", warp_gradient="identity")
-  with pytest.raises(config_schema.ConfigError, match="mmsdnet.warp_gradient"):
-    methods.create(config, num_classes=len(setup.data.class_names),
-                   modalities=setup.data.modalities)
+  with pytest.raises(config_schema.ConfigError, match="mmsdnet.transformer.trained_by"):
+    _variant(setup, trained_by="align", align_weight=0.0)
+  with pytest.raises(config_schema.ConfigError, match="mmsdnet.transformer.warp_gradient"):
+    _variant(setup, trained_by="all", warp_gradient="identity", align_weight=0.0)
 
 
 def test_straight_through_warp_is_the_warp_forward_and_the_identity_backward():
@@ -276,68 +305,55 @@ def test_straight_through_warp_is_the_warp_forward_and_the_identity_backward():
   weight = jax.random.normal(jax.random.PRNGKey(2), moving.shape)
 
   def loss(image, d):
-    return jnp.sum(weight * mmsdnet_lib.straight_through_warp(
-        image, tps.thin_plate_spline(image, d)))
+    return jnp.sum(weight * terms.straight_through_warp(image, tps.thin_plate_spline(image, d)))
 
   warped = tps.thin_plate_spline(moving, offsets)
   assert float(jnp.max(jnp.abs(warped - moving))) > 1e-2     # the warp does move the image
-  np.testing.assert_allclose(
-      np.asarray(mmsdnet_lib.straight_through_warp(moving, warped)), np.asarray(warped),
-      atol=1e-6)
+  np.testing.assert_allclose(np.asarray(terms.straight_through_warp(moving, warped)),
+                             np.asarray(warped), atol=1e-6)
   grad_image, grad_offsets = jax.grad(loss, argnums=(0, 1))(moving, offsets)
   np.testing.assert_allclose(np.asarray(grad_image), np.asarray(weight), atol=1e-6)
   assert float(jnp.max(jnp.abs(grad_offsets))) == 0.0
 
 
-def test_the_transformer_stays_the_identity_and_untrained_before_stn_start(setup):
-  config = setup.config.copy_and_resolve_references()
-  config.mmsdnet.stn_start = 3
-  config.mmsdnet.learning_rate.stn = 1e-2
-  method = methods.create(config, num_classes=len(setup.data.class_names),
-                          modalities=setup.data.modalities)
-  state = method.init(rng.prng_key(0), setup.batch)
-  step = jax.jit(lambda st, b: method.train_step(st, b, rng.prng_key(1)))
-
-  def transformer(st):
-    return _copy(st.params["generator"]["params"]["transformer"])
-
-  history = [transformer(state)]
-  for _ in range(5):
-    state, _ = step(state, setup.batch)
-    history.append(transformer(state))
-  # Steps 0, 1, 2 leave it as initialised; steps 3 and 4 move it.
+def test_the_transformer_stays_the_identity_and_untrained_before_stn_start(setup, trained):
+  assert setup.stn_start == 3
+  history = [_copy(st.params["generator"]["params"]["transformer"]) for st in trained.states]
+  # Steps 0, 1, 2 leave it as initialised; steps 3, 4 and 5 move it.
   for before, after in zip(history[:3], history[1:4]):
     chex.assert_trees_all_equal(before, after)
-  for before, after in zip(history[3:5], history[4:6]):
+  for before, after in zip(history[3:], history[4:]):
     assert any(not np.array_equal(a, b) for a, b in
                zip(jax.tree.leaves(before), jax.tree.leaves(after)))
 
 
-def test_swa_is_the_running_mean_of_the_raw_weights_after_the_start(setup):
-  state, raw_params, raw_stats = setup.state, [], []
-  for _ in range(5):
-    state, metrics = setup.step(state, setup.batch)
-    raw_params.append(_copy(state.params["generator"]))
-    raw_stats.append(_copy(state.stats["generator"]))
-  # Steps 3, 4 and 5 are after swa_start = 2.
-  expected = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *raw_params[SWA_START:])
+def test_swa_is_the_running_mean_of_the_raw_weights_after_the_start(setup, trained):
+  states, start = trained.states[1:], setup.swa_start
+  raw_params = [_copy(st.params["generator"]) for st in states]
+  raw_stats = [_copy(st.stats["generator"]) for st in states]
+  state, metrics = states[-1], trained.metrics[-1]
+  # Steps 3 to 6 are after swa_start = 2.
+  expected = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *raw_params[start:])
   chex.assert_trees_all_close(_copy(state.swa_params), expected, rtol=1e-5, atol=1e-6)
-  expected_stats = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *raw_stats[SWA_START:])
+  expected_stats = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *raw_stats[start:])
   chex.assert_trees_all_close(_copy(state.swa_stats), expected_stats, rtol=1e-5, atol=1e-6)
-  assert int(state.swa_count) == 5 - SWA_START
-  assert float(metrics["swa_count"]) == 5 - SWA_START
+  assert int(state.swa_count) == STEPS - start
+  assert float(metrics["swa_count"]) == STEPS - start
   # Training keeps the raw weights; they differ from the average.
   assert any(not np.allclose(a, b) for a, b in
              zip(jax.tree.leaves(state.swa_params), jax.tree.leaves(raw_params[-1])))
 
 
-def test_unlabelled_target_slices_have_zero_supervised_loss_and_their_labels_are_unused(setup):
+def test_unlabelled_target_slices_have_zero_supervised_loss_and_their_labels_are_unused(
+    setup, trained):
   batch = jax.tree.map(np.array, setup.batch)
   batch["ct"]["labelled"] = np.zeros_like(batch["ct"]["labelled"])
   other = jax.tree.map(np.array, batch)
   other["ct"]["label"] = (other["ct"]["label"] + 1) % len(setup.data.class_names)
-  state_a, metrics_a = setup.step(setup.state, batch)
-  state_b, metrics_b = setup.step(setup.state, other)
+  # From the first step that warps (transformer.start), so every term takes part.
+  start = trained.states[setup.stn_start]
+  state_a, metrics_a = setup.step(start, batch)
+  state_b, metrics_b = setup.step(start, other)
   assert float(metrics_a["sup_ct"]) == 0.0
   assert float(metrics_a["sup_mr"]) > 0.0
   # The labels of unlabelled slices change nothing: not the losses, not the update.
@@ -371,19 +387,28 @@ def test_single_and_multi_input_inference(setup):
   method, state = setup.method, setup.state   # untrained: the STN is exactly the identity
   x = jnp.asarray(setup.batch["mr"]["image"])
   partner = jnp.asarray(setup.batch["mr"]["partner_image"])            # [B, 1, H, W, 1] CT
-  params, stats = state.swa_params, state.swa_stats
-  s_mr = method._gen(params, stats, "anatomy", x, "mr")[0]
-  s_ct = method._gen(params, stats, "anatomy", partner[:, 0], "ct")[0]
+
+  # Jitted (the reference and the method apart): op-by-op dispatch costs more than compiling.
+  @jax.jit
+  def reference(params, stats, x, partner):
+    s_mr = method.apply_generator(params, stats, "anatomy", x, "mr")[0]
+    s_ct = method.apply_generator(params, stats, "anatomy", partner[:, 0], "ct")[0]
+    own = method.apply_generator(params, stats, "segment", s_mr, "mr")[0]
+    return s_mr, s_ct, own
+
+  s_mr, s_ct, own = reference(state.swa_params, state.swa_stats, x, partner)
   assert set(np.unique(np.asarray(s_mr))) <= {0.0, 1.0}
   # Single input: the image's own anatomy through the segmentor.
-  own = method._gen(params, stats, "segment", s_mr, "mr")[0]
-  np.testing.assert_allclose(np.asarray(method.predict(state, x, "mr")), np.asarray(own),
-                             atol=1e-5)
+  single, multi = jax.jit(lambda st, x, p: (method.predict(st, x, "mr"),
+                                            method.predict_multi(st, x, "mr", p)))(
+      state, x, partner)
+  np.testing.assert_allclose(np.asarray(single), np.asarray(own), atol=1e-5)
   # Multi input: with the identity warp, the element-wise maximum of the two anatomies.
   fused = np.maximum(np.asarray(s_mr), np.asarray(s_ct))
-  expected = jax.nn.softmax(method._gen(params, stats, "segment", jnp.asarray(fused), "mr")[0], -1)
-  multi = method.predict_multi(state, x, "mr", partner)
-  np.testing.assert_allclose(np.asarray(multi), np.asarray(expected), atol=1e-5)
+  logits = jax.jit(lambda p, st, s: method.apply_generator(p, st, "segment", s, "mr")[0])(
+      state.swa_params, state.swa_stats, jnp.asarray(fused))
+  np.testing.assert_allclose(np.asarray(multi), np.asarray(jax.nn.softmax(logits, -1)),
+                             atol=1e-5)
   np.testing.assert_allclose(np.asarray(multi).sum(-1), 1.0, atol=1e-5)
 
 
@@ -435,181 +460,21 @@ def test_alignment_scores_the_transformers_warp_of_the_partner_labels(setup):
     assert moved[j]["mean_abs_control_point_offset_px"] == pytest.approx(1.0, abs=1e-5)
 
 
-# ------------------------------------------------------------------------------------------------
-# Pairing (host side, no JAX).
-# ------------------------------------------------------------------------------------------------
+def test_extra_evaluations_hand_the_analysis_files_to_the_trainer(setup, tmp_path):
+  eval_config = setup.config.eval
+  settings = {"surface_tolerance_mm": eval_config.surface_tolerance_mm,
+              "hd95_variant": eval_config.hd95_variant, "assd_variant": eval_config.assd_variant}
+  extra = setup.method.extra_evaluations(setup.state, setup.data, config=setup.config,
+                                         workdir=tmp_path, settings=settings, checkpoint_step=0)
+  assert not any(tmp_path.iterdir())                  # the trainer writes the files, not the method
+  assert set(extra.summary) == {"multi_input", "alignment", "disentanglement"}
+  json.dumps(extra.summary)
+  for m in setup.data.modalities:
+    block = extra.summary["multi_input"][m]
+    assert block["candidates"] == 1 and block["partner_modality"] != m
+    assert 0.0 <= block["mean"]["dice"] <= 1.0 and block["per_case"]
+  assert set(extra.files) == {"disentanglement.json", "traversal.png"}
+  assert json.loads(extra.files["disentanglement.json"]) == extra.summary["disentanglement"]
+  assert extra.summary["disentanglement"]["samples"] > 0
+  assert extra.files["traversal.png"][:8] == b"\x89PNG\r\n\x1a\n"
 
-
-def _host(data, step, pairing, k=3):
-  return pairing_lib.host_batch(data, step, pairing=pairing,
-                                k=pairing_lib.num_candidates(pairing, k), window=2, seed=0)
-
-
-@pytest.mark.parametrize("pairing", pairing_lib.PAIRINGS)
-def test_pairing_is_a_pure_function_of_the_step(setup, pairing):
-  a, b, c = (_host(setup.data, s, pairing) for s in (3, 3, 4))
-  chex.assert_trees_all_equal(a, b)
-  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
-
-
-def _check_partner_images(data, batch, j, i):
-  for row, (cases, slices) in enumerate(zip(batch[j]["partner_case"], batch[j]["partner_slice"])):
-    for n, (c, s) in enumerate(zip(cases, slices)):
-      np.testing.assert_array_equal(batch[j]["partner_image"][row, n, ..., 0],
-                                    data.cases["train"][i][c].image[:, :, s])
-
-
-def test_expert_pairs_are_the_same_subject_and_slice(setup):
-  data = setup.data
-  for step in range(3):
-    batch = _host(data, step, "expert")
-    for j, i in (("mr", "ct"), ("ct", "mr")):
-      assert batch[j]["partner_image"].shape[1] == 1
-      for ci, z, pc, ps in zip(batch[j]["case_index"], batch[j]["slice_index"],
-                               batch[j]["partner_case"][:, 0], batch[j]["partner_slice"][:, 0]):
-        assert data.cases["train"][j][ci].subject == data.cases["train"][i][pc].subject
-        assert ps == z
-      _check_partner_images(data, batch, j, i)
-
-
-def test_auto_and_random_candidates_stay_within_two_slices_of_the_expert_pair(setup):
-  data = setup.data
-  for step in range(4):
-    auto = _host(data, step, "auto", k=3)
-    shuffled = _host(data, step, "random")
-    for j, i in (("mr", "ct"), ("ct", "mr")):
-      assert auto[j]["partner_slice"].shape == (len(auto[j]["slice_index"]), 3)
-      for z, slices, cases in zip(auto[j]["slice_index"], auto[j]["partner_slice"],
-                                  auto[j]["partner_case"]):
-        assert z in slices                    # the expert slice is always a candidate
-        assert np.all(np.abs(slices - z) <= 2)
-        assert len(set(cases)) == 1
-      assert np.all(np.abs(shuffled[j]["partner_slice"][:, 0] - shuffled[j]["slice_index"]) <= 2)
-      _check_partner_images(data, auto, j, i)
-
-
-def test_cross_subject_candidates_are_other_subjects_at_the_same_relative_position(setup):
-  data = setup.data
-  batch = _host(data, 5, "cross_subject", k=2)
-  for j, i in (("mr", "ct"), ("ct", "mr")):
-    for ci, z, cases, slices in zip(batch[j]["case_index"], batch[j]["slice_index"],
-                                    batch[j]["partner_case"], batch[j]["partner_slice"]):
-      case = data.cases["train"][j][ci]
-      for c, s in zip(cases, slices):
-        partner = data.cases["train"][i][c]
-        assert partner.subject != case.subject
-        assert s == round(z * (partner.num_slices - 1) / (case.num_slices - 1))
-  assert pairing_lib.relative_slice(5, 11, 21) == 10
-  assert pairing_lib.relative_slice(0, 1, 9) == 0
-
-
-def test_expert_pairing_on_unpaired_data_is_a_clear_error(setup):
-  unpaired = types.SimpleNamespace(**vars(setup.data))
-  unpaired.manifest = types.SimpleNamespace(paired=False, name="unpaired_set")
-  with pytest.raises(config_schema.ConfigError, match="cross_subject"):
-    _host(unpaired, 0, "expert")
-
-
-# ------------------------------------------------------------------------------------------------
-# Configs.
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("module", [mmsdnet, dafnet])
-@pytest.mark.parametrize("arg", ["", "tiny,decoder=spade,stn=off",
-                                 "label_fraction=0,target=ct,pairing=auto",
-                                 "tiny,pairing=cross_subject,label_fraction=0.5,target=mr"])
-def test_configs_validate_and_follow_their_arguments(module, arg):
-  config = module.get_config(arg)
-  config_schema.validate(config, methods.REGISTRY)
-  args = dict(item.split("=") for item in arg.split(",") if "=" in item)
-  section = config.mmsdnet
-  assert section.decoder == args.get("decoder", "film")
-  assert section.stn == (args.get("stn", "on") == "on")
-  # The CPU-sized configs hold the transformer at the identity for 300 of their 1000 steps.
-  assert section.stn_start == (0 if "tiny" in arg else 300) < config.train.steps
-  assert section.pairing == args.get("pairing", "expert")
-  expected_mode = "unpaired" if section.pairing == "cross_subject" else "paired"
-  assert config.data.phantom.mode == expected_mode
-  if "label_fraction" in args:
-    assert config.data.target_modality == args["target"]
-    assert config.data.label_fraction == float(args["label_fraction"])
-  journal = module is dafnet
-  assert section.image_disc == journal
-  assert section.weights.rec == (1.0 if journal else 10.0)
-  assert section.weights.adv_image == (1.0 if journal else 0.0)
-  assert (section.weights.kl, section.weights.sup, section.weights.z_rec) == (0.1, 10.0, 1.0)
-
-
-def test_misalignment_argument_reaches_the_phantom_and_its_cache_folder(tmp_path, monkeypatch):
-  monkeypatch.setenv("UNPAIRED_SEG_CACHE", str(tmp_path))
-  assert mmsdnet.get_config("tiny").data.phantom.pair_misalignment == 1.0
-  config = mmsdnet.get_config("tiny,misalignment=2.5")
-  config_schema.validate(config, methods.REGISTRY)
-  assert config.data.phantom.pair_misalignment == 2.5
-  manifest = loader.resolve_dataset(config)
-  assert manifest.phantom["pair_misalignment"] == 2.5
-  assert manifest.root.name.endswith("_misalign2.5")
-  with pytest.raises(ValueError, match="misalignment"):
-    mmsdnet.get_config("tiny,misalignment=2,pairing=cross_subject")
-  config.data.phantom.pair_misalignment = 7.0
-  with pytest.raises(config_schema.ConfigError, match="data.phantom.pair_misalignment"):
-    config_schema.validate(config, methods.REGISTRY)
-
-
-def test_an_unknown_section_key_is_named():
-  config = mmsdnet.get_config("tiny")
-  config.mmsdnet.swa_begin = 3
-  with pytest.raises(config_schema.ConfigError, match="mmsdnet.swa_begin"):
-    config_schema.validate(config, methods.REGISTRY)
-
-
-def test_the_trainer_moves_partners_with_their_slice_only_when_asked(setup):
-  from unpaired_seg.data import augment as augment_lib
-  config = setup.config.copy_and_resolve_references()
-  config.data.augment.update(enabled=True, rotate_deg=30.0)
-  settings = augment_lib.Settings.from_config(config.data.augment)
-  assert setup.method.augment_partners                      # the configs ask for it
-  # Each slice's partner is the slice itself: moved with it, it stays equal to it.
-  batch = {m: {**b, "partner_image": jnp.asarray(b["image"])[:, None]}
-           for m, b in jax.tree.map(jnp.asarray, setup.batch).items()}
-  out = {flag: jax.jit(lambda b, f=flag: train.augment_on_device(rng.prng_key(3), b, settings, f))(
-      batch) for flag in (True, False)}
-  for m in batch:
-    moved = np.asarray(out[True][m]["image"])
-    assert not np.allclose(moved, batch[m]["image"])      # the slices were rotated
-    np.testing.assert_allclose(np.asarray(out[True][m]["partner_image"])[:, 0], moved,
-                               atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(out[False][m]["partner_image"]),
-                                  np.asarray(batch[m]["partner_image"]))
-
-
-def test_padded_batches_cover_every_index_once_in_batches_of_one_shape():
-  batches = list(mmsdnet_eval.padded_batches(5, 2))
-  assert batches == [([0, 1], [0, 1]), ([2, 3], [2, 3]), ([4], [4, 4])]
-  assert list(mmsdnet_eval.padded_batches(4, 4)) == [([0, 1, 2, 3], [0, 1, 2, 3])]
-  assert list(mmsdnet_eval.padded_batches(0, 3)) == []
-
-
-def test_predict_multi_volume_labels_every_slice_whatever_the_batch_size(setup):
-  data = setup.data
-  case, partners = data.cases["test"]["mr"][0], data.cases["test"]["ct"]
-  partner_index = {c.subject: n for n, c in enumerate(partners)}
-  shapes = set()
-
-  def predict(state, images, modality, partner_images):
-    # A stand-in model: class 1 where the image is above its slice's mean, else 0.
-    shapes.add((images.shape, partner_images.shape))
-    above = images[..., 0] > images[..., 0].mean(axis=(1, 2), keepdims=True)
-    return np.stack([~above, above], axis=-1).astype(np.float32)
-
-  image = case.image
-  expected = (image > image.mean(axis=(0, 1), keepdims=True)).astype(np.uint8)
-  for batch_size in (1, 3, case.num_slices + 2):
-    shapes.clear()
-    labels = mmsdnet_eval.predict_multi_volume(
-        predict, None, case, partners, partner_index, modality="mr", partner_modality="ct",
-        case_pos=0, pairing="expert", k=1, window=2, batch_size=batch_size)
-    np.testing.assert_array_equal(labels, expected)
-    h, w = image.shape[:2]
-    assert shapes == {((batch_size, h, w, 1), (batch_size, 1, h, w, 1))}  # one shape, padded

@@ -1,6 +1,9 @@
 """Method plug-ins, keyed by `config.method`. See `base.py` for what a method provides.
 
   method = methods.create(config, num_classes=5, modalities=('mr', 'ct'))
+
+A plug-in with a config section of its own declares it in `register_config_sections`, which
+`config_schema.validate` calls: importing a plug-in registers nothing.
 """
 
 from collections.abc import Sequence
@@ -23,6 +26,11 @@ REGISTRY = {
     "affinity": supervised.affinity,
     "csa": supervised.csa,
 }
+
+
+def register_config_sections() -> None:
+  """Declares each plug-in's own config section to `config_schema` (idempotent)."""
+  mmsdnet.register_config()
 
 
 def create(config: ml_collections.ConfigDict, num_classes: int, modalities: Sequence[str],

@@ -1,4 +1,4 @@
-"""Pairs of slices across two modalities for MMSDNet/DAFNet, on the host, a pure function of the step.
+"""Pairs of slices across two modalities for MMSDNet/DAFNet, on the host, a function of the step.
 
 Every sampled slice (case c, slice z) of modality j gets k candidate slices of the other modality i:
   expert         k = 1: the same subject, the same slice index (a paired dataset, e.g. the phantom

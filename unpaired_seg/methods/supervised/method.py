@@ -1,55 +1,15 @@
-"""Supervised segmentation over one network definition with a configurable amount of sharing.
+"""The supervised plug-in class: one network with a configurable amount of sharing, Dice + CE with
+optional KD, (class-specific) affinity and L2, the mixed and alternate regimes, an optional EMA.
 
-The shared-kernel family of unpaired multi-modal segmentation, as plug-ins of one class:
+See the package docstring (`unpaired_seg/methods/supervised/__init__.py`) for the methods, the loss
+and the regimes.
 
-  individual  one network per modality (UNet-single): every block and norm per modality
-  joint       one network (UNet-both): every kernel and one set of norm statistics shared; all
-              modalities go through it in one mixed batch
-  joint_kd    joint + UMMKD's knowledge distillation between the modalities
-  y_shaped    per-modality encoders, shared bottleneck, decoder and head
-  x_shaped    per-modality encoders and decoders; only the bottleneck shared
-  dualstream  DualStream V1..V4 (`model.sharing` = dualstream_v1 .. dualstream_v4), alternate
-              single-modality batches
-  chilopod    every kernel shared, normalisation per modality (UMMKD's MSBN)
-  ummkd       chilopod + knowledge distillation (alpha / 2 * L_kd)
-  affinity    chilopod + the affinity loss between two nearby layers, one all-ones mask
-  csa         chilopod + the class-specific affinity loss (Chen et al.)
-
-Loss (config section `loss`):
-  sum_m [dice_weight * Dice_m + ce_weight * CE_m]
-    + kd_weight / 2 * L_kd            (kd_weight = UMMKD's alpha; 0 switches it off)
-    + csa_weight * L_csa              (lambda; 0 switches it off)
-    + weight_decay * L2(kernels and norm parameters)   (eta; tf.nn.l2_loss convention)
-  `loss.class_weights = 'batch'` replaces the CE by the UMMKD code's: class weights
-  1 - n_c / N counted over the labelled pixels of the modality's batch, probabilities clipped to
-  [loss.ce_clip, 1].
-
-Training regimes (`train.regime`):
-  mixed      every step sees a batch of every modality (UMMKD, CSA: 8 + 8) and sums their losses.
-  alternate  one modality per step, in `data.modalities` order: step s trains modality
-             s mod M (DualStream: one MR step, then one CT step). The batch still holds every
-             modality (the host batch stays a pure function of the step, so resuming is exact);
-             the trainer compiles one step per modality (`step_variants`) and picks the step's
-             on the host (`variant_of_step`), which runs that modality's forward and backward
-             pass only. As an optimiser that skips
-             variables without a gradient (TF's Adam), the inactive modality's per-modality
-             kernels, norm parameters, their Adam moments and its running statistics are left
-             exactly as they were; shared kernels take an ordinary Adam step.
-
-Optimiser and schedule (`train.optimizer`, `train.lr_schedule`, `train.grad_clip`, ...) are
-built by `unpaired_seg/optim.py`. `train.ema_decay` > 0 keeps an exponential moving average of
-the weights and the running statistics in the state (`SupervisedEMAState`); `predict`, and so
-validation, the best checkpoint's choice and the test, then use the averages.
-
-  python -m unpaired_seg.main --config=configs/ummkd.py --workdir=runs/ummkd
-  python -m unpaired_seg.main --config=configs/dualstream.py:variant=v2,tiny --workdir=/tmp/ds
+  python -m pytest -q tests/methods/test_supervised.py tests/methods/test_shared_kernels.py
 """
 
 import functools
 from collections.abc import Sequence
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -57,122 +17,17 @@ import numpy as np
 import optax
 
 from unpaired_seg import rng as rng_lib
+from unpaired_seg.methods import averaging
 from unpaired_seg.methods.base import Method, count_parameters
+from unpaired_seg.methods.supervised.parts import (
+    CLASS_WEIGHTS, REGIMES, SupervisedEMAState, SupervisedState, default_csa_layers,
+    deep_supervision_logits, labelled_class_weights, mask_unlabelled, norm_spec,
+    select_params_like, sharing_from_config)
 from unpaired_seg.nn.norms import norm_collection, stats_collection
-from unpaired_seg.nn.presets import SHARING_PRESETS, sharing_preset
-from unpaired_seg.nn.registry import build_network, network_blocks
-from unpaired_seg.nn.sharing import NormSpec, Sharing
+from unpaired_seg.nn.registry import build_network
 from unpaired_seg.nn.unet import DEEP_SUPERVISION
 from unpaired_seg.ops import losses, precision
-# learning_rate_schedule: also importable from here, where it lived before optim.py.
 from unpaired_seg.optim import learning_rate_schedule, make_optimizer
-
-REGIMES = ("mixed", "alternate")
-CLASS_WEIGHTS = ("none", "batch")
-
-
-@flax.struct.dataclass
-class SupervisedState:
-  step: jax.Array
-  params: dict      # trainable collections: 'params' and every 'norm_<group>'
-  stats: dict       # running statistics: every 'stats_<group>'
-  opt_state: optax.OptState
-
-
-@flax.struct.dataclass
-class SupervisedEMAState(SupervisedState):
-  """The state with `train.ema_decay` > 0: bias-corrected moving averages of params and stats.
-
-  A subclass rather than optional fields: orbax restores into the state's structure, and an
-  extra field (even None) would stop checkpoints saved without EMA from restoring.
-  """
-  ema_params: dict
-  ema_stats: dict
-
-
-def sharing_from_config(config: ml_collections.ConfigDict, modalities: Sequence[str],
-                        default: str) -> Sharing:
-  """The `Sharing` of `model.sharing` (or the method's default preset) for the configured net."""
-  name = config.model.sharing or default
-  if name not in SHARING_PRESETS:
-    raise ValueError(f"config key 'model.sharing': {name!r} is not one of "
-                     f"{sorted(SHARING_PRESETS)}")
-  return sharing_preset(name, network_blocks(config.model), modalities)
-
-
-def norm_spec(config: ml_collections.ConfigDict, num_data_shards: int) -> NormSpec:
-  norm = config.model.norm
-  return NormSpec(kind=norm.kind, momentum=norm.momentum, epsilon=norm.epsilon,
-                  num_groups=norm.num_groups, stat_shards=1 if norm.sync else num_data_shards)
-
-
-def default_csa_layers(model_config: ml_collections.ConfigDict) -> tuple[str, str]:
-  """Two adjacent layers in the middle of the network whose outputs are sown as features.
-
-  U-Net and dilated net: the bottleneck and the first decoder block after it; ResFCN: the
-  deepest encoder scale and the first upscore unit.
-  """
-  blocks = network_blocks(model_config)
-  if model_config.name == "resfcn":
-    encoders = [b for b in blocks if b.startswith("enc")]
-    decoders = [b for b in blocks if b.startswith("dec")]
-    return encoders[-1], decoders[0]
-  after = blocks[blocks.index("bottleneck") + 1]
-  return "bottleneck", after
-
-
-def labelled_class_weights(labels: jax.Array, labelled: jax.Array, num_classes: int) -> jax.Array:
-  """The UMMKD code's w_c = 1 - n_c / N, counted over the labelled samples only.
-
-  With every sample labelled this is `losses.batch_class_weights`; unlabelled slices carry an
-  all-background map that must not count as background.
-
-  Args:
-    labels: [B, *spatial] integer classes.
-    labelled: [B] 0/1 weights.
-    num_classes: C.
-
-  Returns:
-    [C] float32; all ones when no sample is labelled.
-  """
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)             # [B, *S, C]
-  mask = labelled.reshape((-1,) + (1,) * (onehot.ndim - 1)).astype(jnp.float32)
-  counts = jnp.sum(onehot * mask, axis=tuple(range(onehot.ndim - 1)))          # [C]
-  total = jnp.sum(mask) * np.prod(labels.shape[1:])
-  return (1.0 - counts / jnp.maximum(total, 1.0)).astype(jnp.float32)
-
-
-def deep_supervision_logits(sown) -> dict:
-  """{'ds_logits_<level>': logits} from the DEEP_SUPERVISION collection of a U-Net pass.
-
-  The collection is keyed by decoder block (`dec<level>` or `dec<level>_<modality>`), each with
-  the tuple of its sown logits.
-  """
-  out = {}
-  for block, values in (sown or {}).items():
-    level = int(block.split("_")[0][3:])
-    out[f"ds_logits_{level}"] = values["logits"][-1]
-  return out
-
-
-def mask_unlabelled(labels: jax.Array, labelled: jax.Array, num_classes: int) -> jax.Array:
-  """Labels of unlabelled samples set to `num_classes` (outside [0, C): no class at all).
-
-  `kd_loss` and `affinity_matrices` take no sample weight; an out-of-range label has an all-zero
-  one-hot row there, so an unlabelled sample adds nothing to any class mean or class mask.
-  """
-  keep = labelled.reshape((-1,) + (1,) * (labels.ndim - 1)) > 0
-  return jnp.where(keep, labels, num_classes)
-
-
-def _select_params_like(new, old, keep, params_def):
-  """In every params-shaped subtree of an optimiser state, keeps `old` where `keep` is True."""
-  if jax.tree.structure(new) == params_def:
-    return jax.tree.map(lambda n, o, k: jnp.where(k, o, n), new, old, keep)
-  if isinstance(new, tuple):
-    items = [_select_params_like(n, o, keep, params_def) for n, o in zip(new, old)]
-    return type(new)(*items) if hasattr(new, "_fields") else tuple(items)
-  return new
 
 
 class Supervised(Method):
@@ -466,11 +321,11 @@ class Supervised(Method):
   def update_ema(self, state: SupervisedEMAState, variant=None) -> SupervisedEMAState:
     """Moves the averages toward the state's updated params and stats (after the optimiser).
 
-    Bias-corrected, as Adam's moments, per leaf: at a leaf's n-th update, with d =
-    train.ema_decay, ema <- (1 - w_n) ema + w_n p, w_n = (1 - d) / (1 - d**n). The stored average
-    is then sum_i d**(n-i) p_i / sum_i d**(n-i) over the leaf's own values so far, with no zero
-    start to correct at prediction time: w_1 = 1 (the first average is the first trained value,
-    the initial weights drop out), w_n -> 1 - d. A warm-up of the decay (TF's
+    Bias-corrected, as Adam's moments, per leaf (`averaging.ema_weight`): at a leaf's n-th update,
+    with d = train.ema_decay, ema <- (1 - w_n) ema + w_n p, w_n = (1 - d) / (1 - d**n). The stored
+    average is then sum_i d**(n-i) p_i / sum_i d**(n-i) over the leaf's own values so far, with no
+    zero start to correct at prediction time: w_1 = 1 (the first average is the first trained
+    value, the initial weights drop out), w_n -> 1 - d. A warm-up of the decay (TF's
     min(d, (1+n)/(10+n))) would keep a share of the random initial weights for long and add a
     second constant.
 
@@ -488,13 +343,8 @@ class Supervised(Method):
       state: the state after the optimiser update, step already incremented.
       variant: the alternate regime's trained modality; None for the mixed regime.
     """
-    # float32 throughout, so that w_1 is exactly 1 (a float64 1 - d over a float32 one is not).
-    d = jnp.float32(self.ema_decay)
-
-    def mover(n):
-      w = (1 - d) / (1 - jnp.power(d, n.astype(jnp.float32)))
-      return lambda ema, raw: (1 - w) * ema + w * raw
-
+    d = jnp.float32(self.ema_decay)   # float32 throughout: see `averaging.ema_weight`
+    mover = functools.partial(averaging.ema_mover, d)
     t = state.step
     if variant is None:      # every leaf and every statistic is trained at every step
       move = mover(t)
@@ -555,7 +405,7 @@ class Supervised(Method):
     # Every modality but m keeps its own leaves (kernels, norm parameters, Adam moments).
     keep = jax.tree.map(jnp.asarray, self.idle_mask(state.params, m))
     params = jax.tree.map(lambda n, o, k: jnp.where(k, o, n), params, state.params, keep)
-    opt_state = _select_params_like(opt_state, state.opt_state, keep, params_def)
+    opt_state = select_params_like(opt_state, state.opt_state, keep, params_def)
     out = {"loss": metrics["loss"],
            "active_modality": jnp.asarray(self.modalities.index(m), jnp.float32)}
     for o in self.modalities:
@@ -563,59 +413,3 @@ class Supervised(Method):
     if "weight_decay" in metrics:
       out["weight_decay"] = metrics["weight_decay"]
     return params, stats, opt_state, grads, out
-
-
-class PatchSupervised(Supervised):
-  """The same method on a 3D network (`model.ndim = 3`): 3D patches in, sliding window out.
-
-  Training batches are patches of data.image_size x `train.patch_slices` drawn by
-  `data.patches.PatchSampler` (a pure function of the step); evaluation predicts each volume
-  from overlapping windows of that one shape (`predict_volume`, used by the trainer in place of
-  slice-by-slice prediction).
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, *args, **kwargs):
-    super().__init__(config, *args, **kwargs)
-    self.patch_shape = tuple(config.data.image_size) + (config.train.patch_slices,)
-    self._samplers = None
-
-  def host_batch(self, data, step: int, rows: slice | None = None) -> dict:
-    from unpaired_seg.data import patches  # host-side data code, only for 3D
-    if self._samplers is None:
-      c = self.config
-      self._samplers = {
-          m: patches.PatchSampler(data.cases["train"][m], c.train.batch_size, self.patch_shape,
-                                  c.data.foreground_fraction, seed=c.seed, stream=i,
-                                  oversample=c.data.oversample)
-          for i, m in enumerate(data.modalities)}
-    return {m: s.batch(step, rows) for m, s in self._samplers.items()}
-
-  def predict_volume(self, predict, state, modality: str, image, *, tile_size=None,
-                     context_slices: int = 0, batch_size: int = 2, overlap: float = 0.5):
-    """[X, Y, Z] labels; the trainer's slice arguments (tile_size, context_slices) are unused."""
-    from unpaired_seg.data import patches
-    del tile_size, context_slices
-    return patches.predict_volume_patches(predict, state, modality, image,
-                                          patch_shape=self.patch_shape,
-                                          batch_size=max(1, min(batch_size, 2)), overlap=overlap)
-
-
-def _method(default_sharing: str, kd: bool = False, csa: str | None = None,
-            sharing_prefix: str = ""):
-  def create(config: ml_collections.ConfigDict, *args, **kwargs):
-    cls = PatchSupervised if config.model.ndim == 3 else Supervised
-    return cls(config, *args, default_sharing=default_sharing, kd=kd, csa=csa,
-               sharing_prefix=sharing_prefix, **kwargs)
-  return create
-
-
-individual = _method("individual")
-joint = _method("joint")
-joint_kd = _method("joint", kd=True)
-y_shaped = _method("y_shaped")
-x_shaped = _method("x_shaped")
-dualstream = _method("dualstream_v4", sharing_prefix="dualstream_")
-chilopod = _method("chilopod")
-ummkd = _method("chilopod", kd=True)
-affinity = _method("chilopod", csa="plain")
-csa = _method("chilopod", csa="class_specific")

@@ -1,7 +1,7 @@
 """MMSDNet/DAFNet test-time extras: multi-input segmentation and the disentanglement analysis.
 
 Multi input: each test slice's anatomy is fused with the aligned anatomy of its partner slice(s)
-from the other modality's TEST volumes, chosen as in training (`mmsdnet_pairing.candidates`,
+from the other modality's TEST volumes, chosen as in training (`pairing.candidates`,
 deterministically: the expert slice; with 'auto' also its nearest neighbours; with
 'cross_subject' the next k test volumes at the same relative position), and with k candidates the
 k predictions are summed with the pair-weighting network's weights. Only the training view of each
@@ -17,13 +17,13 @@ class pooled over the slices. It shows whether the transformer aligns the pairs,
 well anything is segmented. With the transformer off the two are equal.
 
 Disentanglement: on up to `mmsdnet.analysis_slices` test slices per modality, dCor(s, z), a
-logistic-regression modality classifier on z, and a latent traversal figure; written to
-disentanglement.json and traversal.png in the workdir.
+logistic-regression modality classifier on z, and a latent traversal figure: the files
+disentanglement.json and traversal.png, which the trainer writes into the workdir.
 
   python -m unpaired_seg.main --config=configs/mmsdnet.py --workdir=/tmp/mmsdnet --mode=evaluate
 """
 
-import pathlib
+import json
 from collections.abc import Mapping
 
 import jax
@@ -36,13 +36,16 @@ from unpaired_seg import evaluate as evaluate_lib
 from unpaired_seg import metrics as metrics_lib
 from unpaired_seg.data import geometry
 from unpaired_seg.data import pipeline
-from unpaired_seg.methods import mmsdnet_pairing as pairing_lib
+from unpaired_seg.methods.base import ExtraResults
+from unpaired_seg.methods.mmsdnet import pairing as pairing_lib
 from unpaired_seg.ops import tps
 
 
-def extra_evaluations(method, state, data, *, config, workdir, settings: Mapping) -> dict:
-  """{"multi_input": {modality: block}, "disentanglement": {...}} for summary.json."""
+def extra_evaluations(method, state, data, *, config, settings: Mapping) -> ExtraResults:
+  """summary.json's {"multi_input": {modality: block}, "alignment": ..., "disentanglement": ...}
+  and, with `mmsdnet.analysis`, the files disentanglement.json and traversal.png."""
   out = {"multi_input": evaluate_multi_input(method, state, data, config, settings)}
+  files = {}
   for m, block in out["multi_input"].items():
     logging.info("multi-input test mean foreground Dice %s: %.4f", m, block["mean"].get("dice"))
   if data.manifest.paired and method.settings.pairing != "cross_subject":
@@ -51,8 +54,8 @@ def extra_evaluations(method, state, data, *, config, workdir, settings: Mapping
       logging.info("alignment %s <- partner labels: Dice %.4f unwarped, %.4f warped by the "
                    "transformer", m, block["identity"]["mean"], block["transformer"]["mean"])
   if method.settings.analysis:
-    out["disentanglement"] = disentanglement(method, state, data, pathlib.Path(workdir))
-  return metrics_lib.to_jsonable(out)
+    out["disentanglement"], files = disentanglement(method, state, data)
+  return ExtraResults(summary=metrics_lib.to_jsonable(out), files=files)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,46 +226,59 @@ def _test_slices(cases, count: int) -> np.ndarray:
   return np.stack([pairs[p][0].image[:, :, pairs[p][1], None] for p in picks]).astype(np.float32)
 
 
-def disentanglement(method, state, data, workdir: pathlib.Path) -> dict:
-  """dCor(s, z), the modality classifier on z and traversal.png; also disentanglement.json."""
+def _encoded_test_slices(method, state, data):
+  """Per modality with test slices: their anatomies s [n, H, W, A], modality means z [n, Z] and
+  the (s, z) of the middle slice, the traversal's."""
   params, stats = state.swa_params, state.swa_stats
 
   def encode(x, modality):
-    s, _ = method._gen(params, stats, "anatomy", x, modality)
-    mean = method._gen(params, stats, "encode_modality", s, x, False)[0][1]
+    s, _ = method.apply_generator(params, stats, "anatomy", x, modality)
+    mean = method.apply_generator(params, stats, "encode_modality", s, x, False)[0][1]
     return s, mean
 
-  decode = jax.jit(lambda s, z: method._gen(params, stats, "decode", s, z)[0])
-  factors, codes, labels, first = [], [], [], {}
-  for index, m in enumerate(method.modalities):
+  factors, codes, middle = {}, {}, {}
+  for m in method.modalities:
     x = _test_slices(data.cases["test"][m], method.settings.analysis_slices)
     if not len(x):
       continue
     s, z = jax.jit(encode, static_argnums=1)(jnp.asarray(x), m)
-    factors.append(np.asarray(s))
-    codes.append(np.asarray(z))
-    labels.append(np.full(len(x), index))
-    first[m] = (np.asarray(s[len(x) // 2:len(x) // 2 + 1]), np.asarray(z[len(x) // 2]))
-  s_all, z_all = np.concatenate(factors), np.concatenate(codes)
-  out = {"samples": int(len(z_all)), "modalities": list(method.modalities),
-         "dcor_s_z": analysis.distance_correlation(s_all.reshape(len(s_all), -1), z_all),
-         "dcor_s_z_per_modality": {m: analysis.distance_correlation(f.reshape(len(f), -1), c)
-                                   for m, f, c in zip(method.modalities, factors, codes)}}
-  modality = np.concatenate(labels)
-  if min(np.bincount(modality, minlength=2)) >= 4:
-    out["modality_classifier"] = analysis.modality_classifier(z_all, modality)
+    factors[m], codes[m] = np.asarray(s), np.asarray(z)
+    middle[m] = (factors[m][len(x) // 2:len(x) // 2 + 1], codes[m][len(x) // 2])
+  return factors, codes, middle
+
+
+def _traversal_png(method, state, middle: dict) -> bytes:
+  """Each modality's middle slice decoded with each z dimension run over traversal_values()."""
+  params, stats = state.swa_params, state.swa_stats
+  decode = jax.jit(lambda s, z: method.apply_generator(params, stats, "decode", s, z)[0])
   values = analysis.traversal_values()
   rows, row_labels = [], []
-  for m, (s, z) in first.items():
+  for m, (s, z) in middle.items():
     for d in range(z.shape[0]):
       zs = np.repeat(z[None], len(values), axis=0)
       zs[:, d] = values
       rows.append(np.asarray(decode(np.repeat(s, len(values), axis=0), zs))[..., 0])
       row_labels.append(f"{m} z{d}")
-  analysis.save_traversal(np.stack(rows), workdir / "traversal.png", row_labels=row_labels,
-                          values=values)
+  return analysis.traversal_png(np.stack(rows), row_labels=row_labels, values=values)
+
+
+def disentanglement(method, state, data) -> tuple[dict, dict[str, bytes | str]]:
+  """dCor(s, z) and the modality classifier on z; with the files disentanglement.json (the same
+  block) and traversal.png."""
+  factors, codes, middle = _encoded_test_slices(method, state, data)
+  s_all = np.concatenate(list(factors.values()))
+  z_all = np.concatenate(list(codes.values()))
+  out = {"samples": int(len(z_all)), "modalities": list(method.modalities),
+         "dcor_s_z": analysis.distance_correlation(s_all.reshape(len(s_all), -1), z_all),
+         "dcor_s_z_per_modality": {m: analysis.distance_correlation(
+             factors[m].reshape(len(factors[m]), -1), codes[m]) for m in factors}}
+  modality = np.concatenate([np.full(len(codes[m]), method.modalities.index(m)) for m in codes])
+  if min(np.bincount(modality, minlength=2)) >= 4:
+    out["modality_classifier"] = analysis.modality_classifier(z_all, modality)
+  png = _traversal_png(method, state, middle)
   out = metrics_lib.to_jsonable(out)
-  pipeline.write_json_atomic(workdir / "disentanglement.json", out)
   logging.info("disentanglement: dCor(s, z) %.3f, modality accuracy from z %s", out["dcor_s_z"],
                out.get("modality_classifier", {}).get("accuracy"))
-  return out
+  # The text of pipeline.write_json_atomic, as the workdir's other JSON files.
+  return out, {"disentanglement.json": json.dumps(out, indent=2, sort_keys=True),
+               "traversal.png": png}
