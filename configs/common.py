@@ -6,7 +6,11 @@ Each `configs/<method>.py` starts from `get_base_config(...)` and overrides only
   python -m unpaired_seg.main --config=configs/joint.py --config.train.steps=100 --workdir=/tmp/joint
 """
 
+import dataclasses
+
 import ml_collections
+
+from unpaired_seg.data import randomize
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -93,9 +97,8 @@ def get_base_config(tiny: bool = False) -> ConfigDict:
       # one modality's labels reads another's images (data/randomize.py); each sample takes at most
       # one: GIN (a random shallow conv net, p_ipa of them two views under a smooth mask) or SLAug's
       # global / local (per class region) Bezier remap with location-scale. Off by default.
-      intensity=ConfigDict(dict(p_gin=0.0, gin_layers=4, gin_channels=2, gin_leak=0.01,
-                                p_ipa=0.0, ipa_grid=4, p_global=0.0, p_local=0.0,
-                                p_nonmonotone=0.0)),
+      # The defaults are RandomizeSettings' own, so that they are written once.
+      intensity=ConfigDict(dataclasses.asdict(randomize.RandomizeSettings())),
   ))
 
   c.model = ConfigDict()

@@ -4,6 +4,9 @@ For a target modality (--target=mr: MR without any label, CT fully labelled; or 
   * joint with the target unlabelled (its images only in the batches' normalisation statistics),
   * joint + each intensity randomisation of the labelled images (configs/zero_shot.py:
     'gin' = GIN + IPA, 'slaug' = SLAug's global + local location-scale, 'all' = both),
+  * multi-atlas registration ('multi_atlas'): k labelled training volumes of the other modality
+    registered onto each target test volume by mutual information (affine, then B-spline;
+    SimpleITK), labels fused by majority vote (configs/multi_atlas.py; nothing trained),
   * the target's own labelled Individual model as the upper bound (Table II's run, read from its
     store; trained here when missing).
 Every row uses Table II's backbone, recipe and budget (experiments/table2_abdomen.py), is scored
@@ -17,6 +20,7 @@ kept under --store and read, not trained again, so the table is built over sever
 Writes experiments/results/zero_shot_abdomen_<target>.md. Skips (exit 0) without the data.
 """
 
+import json
 import pathlib
 import shlex
 import sys
@@ -35,9 +39,10 @@ from tests import experiment_scripts  # noqa: E402
 table2 = experiment_scripts.load("table2_abdomen")
 DEFAULTS = types.SimpleNamespace(**table2.DEFAULTS)   # Table II's shared settings
 
-ROWS = ("none", "gin", "slaug", "all")
+ROWS = ("none", "gin", "slaug", "all", "multi_atlas")
 LABELS = {"none": "Joint, target unlabelled", "gin": "Joint + GIN/IPA", "slaug": "Joint + SLAug",
-          "all": "Joint + GIN/IPA + SLAug", "individual": "Individual (target labelled: bound)"}
+          "all": "Joint + GIN/IPA + SLAug", "multi_atlas": "Multi-atlas registration (k = 5)",
+          "individual": "Individual (target labelled: bound)"}
 
 
 def _define_flags() -> None:
@@ -69,6 +74,26 @@ def row_config(kind: str, target: str, data_root: pathlib.Path, fold: int, setti
   return config
 
 
+def atlas_config(target: str, data_root: pathlib.Path, fold: int, settings=None):
+  """The multi-atlas baseline on the fold's splits, segmenting `target` from the other modality's
+  labelled training volumes, scored on the grid of every row."""
+  settings = settings if settings is not None else DEFAULTS
+  from configs import multi_atlas
+  config = multi_atlas.get_config(f"data={data_root}")
+  config.data.split.update(folds=settings.folds, fold=fold)
+  config.eval.grid = settings.grid
+  config.eval.save_predictions = 0
+  config.baseline.target = target
+  return config
+
+
+def atlas_settings_of(config) -> dict:
+  """What must match for a finished multi-atlas run to be reused."""
+  c = config.to_dict()
+  return {"split": dict(c["data"]["split"]), "grid": c["eval"]["grid"],
+          "baseline": json.loads(json.dumps(c["baseline"]))}
+
+
 def settings_of(config) -> dict:
   """Table II's reuse key plus what makes a zero-label row."""
   key = table2.settings_of(config)
@@ -81,6 +106,13 @@ def settings_of(config) -> dict:
 def finished(run: pathlib.Path, config):
   """The run's summary when it finished with these settings, else None."""
   return table2.finished(run, config, key=settings_of)
+
+
+def keep_files(run: pathlib.Path, store: pathlib.Path, names) -> None:
+  """Copy a finished run's small files to the store (atomically, summary last)."""
+  from unpaired_seg.data import pipeline
+  for name in sorted(names, key=lambda n: n == "summary.json"):
+    pipeline.write_text_atomic(store / name, (run / name).read_text())
 
 
 def main(argv):
@@ -108,12 +140,21 @@ def main(argv):
     for kind in FLAGS.rows:
       name = f"zero_{FLAGS.target}_{kind}"
       run, kept = workdir / f"fold{fold}" / name, store / f"fold{fold}" / name
-      config = row_config(kind, FLAGS.target, data_root, fold)
-      summary = finished(kept, config)
-      if summary is None:
-        summary = train.train_and_evaluate(config, run)
-        table2.keep(run, kept)
-      results[(kind, fold)], seconds[(kind, fold)] = summary, table2.wall_seconds(kept)
+      if kind == "multi_atlas":   # registration, nothing trained: its own run and reuse key
+        config = atlas_config(FLAGS.target, data_root, fold)
+        summary = table2.finished(kept, config, key=atlas_settings_of)
+        if summary is None:
+          from unpaired_seg.baselines import run as baseline_run
+          summary = baseline_run.run(config, run)
+          keep_files(run, kept, ("config.json", "summary.json"))
+        results[(kind, fold)], seconds[(kind, fold)] = summary, summary["baseline"]["seconds"]
+      else:
+        config = row_config(kind, FLAGS.target, data_root, fold)
+        summary = finished(kept, config)
+        if summary is None:
+          summary = train.train_and_evaluate(config, run)
+          table2.keep(run, kept)
+        results[(kind, fold)], seconds[(kind, fold)] = summary, table2.wall_seconds(kept)
       runs.append(f"{kind}={kept}")
       logging.info("fold %d %s: mean Dice %s %.3f", fold, kind, FLAGS.target,
                    summary["modalities"][FLAGS.target]["mean"]["dice"])

@@ -68,3 +68,20 @@ def test_rows_differ_only_in_the_randomisation_and_reuse_needs_the_same(driver, 
   (run / "summary.json").write_text(json.dumps({"modalities": {}}))
   assert driver.finished(run, gin) == {"modalities": {}}
   assert driver.finished(run, none) is None
+
+
+def test_the_multi_atlas_row_uses_the_folds_splits_and_grid_of_the_trained_rows(driver, tmp_path):
+  from unpaired_seg.baselines import section
+  root = pathlib.Path("/nonexistent/prepared")
+  atlas, none = driver.atlas_config("mr", root, 2), driver.row_config("none", "mr", root, 2)
+  section.validate(atlas)
+  assert atlas.method == "multi_atlas" and section.targets(atlas) == {"mr": "ct"}
+  assert atlas.data.split.to_dict() == none.data.split.to_dict()
+  assert atlas.data.root == none.data.root and atlas.eval.grid == none.eval.grid
+  run = tmp_path / "atlas"
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps(atlas.to_dict()))
+  (run / "summary.json").write_text(json.dumps({"modalities": {}}))
+  assert driver.table2.finished(run, atlas, key=driver.atlas_settings_of) == {"modalities": {}}
+  other = driver.atlas_config("mr", root, 3)
+  assert driver.table2.finished(run, other, key=driver.atlas_settings_of) is None
