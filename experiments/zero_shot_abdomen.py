@@ -4,6 +4,7 @@ For a target modality (--target=mr: MR without any label, CT fully labelled; or 
   * joint with the target unlabelled (its images only in the batches' normalisation statistics),
   * joint + each intensity randomisation of the labelled images (configs/zero_shot.py:
     'gin' = GIN + IPA, 'slaug' = SLAug's global + local location-scale, 'all' = both),
+  * 'slaug_instance': SLAug with instance instead of batch normalisation,
   * multi-atlas registration ('multi_atlas'): k labelled training volumes of the other modality
     registered onto each target test volume by mutual information (affine, then B-spline;
     SimpleITK), labels fused by majority vote (configs/multi_atlas.py; nothing trained),
@@ -39,9 +40,14 @@ from tests import experiment_scripts  # noqa: E402
 table2 = experiment_scripts.load("table2_abdomen")
 DEFAULTS = types.SimpleNamespace(**table2.DEFAULTS)   # Table II's shared settings
 
-ROWS = ("none", "gin", "slaug", "all", "multi_atlas")
+ROWS = ("none", "gin", "slaug", "all", "slaug_instance", "multi_atlas")
+# A row `<randomisation>_instance` normalises every feature map by its own sample's statistics
+# (instance norm) instead of batch statistics: the running statistics of batch norm are the
+# labelled modality's, which the target's features do not share.
+INSTANCE = "_instance"
 LABELS = {"none": "Joint, target unlabelled", "gin": "Joint + GIN/IPA", "slaug": "Joint + SLAug",
-          "all": "Joint + GIN/IPA + SLAug", "multi_atlas": "Multi-atlas registration (k = 5)",
+          "all": "Joint + GIN/IPA + SLAug", "slaug_instance": "Joint + SLAug, instance norm",
+          "multi_atlas": "Multi-atlas registration (k = 5)",
           "individual": "Individual (target labelled: bound)"}
 
 
@@ -70,6 +76,9 @@ def row_config(kind: str, target: str, data_root: pathlib.Path, fold: int, setti
   config = table2.experiment_config("joint", data_root, fold, settings)
   config.data.target_modality = target
   config.data.label_fraction = 0.0
+  if kind.endswith(INSTANCE):
+    config.model.norm.kind = "instance"
+    kind = kind[:-len(INSTANCE)]
   zero_shot.randomization(config, kind)
   return config
 
@@ -99,7 +108,8 @@ def settings_of(config) -> dict:
   key = table2.settings_of(config)
   key["zero"] = {"target": config.data.target_modality,
                  "label_fraction": float(config.data.label_fraction),
-                 "intensity": dict(config.data.augment.intensity.to_dict())}
+                 "intensity": dict(config.data.augment.intensity.to_dict()),
+                 "norm": config.model.norm.kind}
   return key
 
 

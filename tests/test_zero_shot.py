@@ -85,3 +85,16 @@ def test_the_multi_atlas_row_uses_the_folds_splits_and_grid_of_the_trained_rows(
   assert driver.table2.finished(run, atlas, key=driver.atlas_settings_of) == {"modalities": {}}
   other = driver.atlas_config("mr", root, 3)
   assert driver.table2.finished(run, other, key=driver.atlas_settings_of) is None
+
+
+def test_an_instance_norm_row_changes_the_norm_and_is_not_the_batch_norm_run(driver, tmp_path):
+  root = pathlib.Path("/nonexistent/prepared")
+  slaug, instance = (driver.row_config(k, "mr", root, 0) for k in ("slaug", "slaug_instance"))
+  assert slaug.model.norm.kind == "batch" and instance.model.norm.kind == "instance"
+  assert instance.data.augment.intensity.to_dict() == slaug.data.augment.intensity.to_dict()
+  config_schema.validate(instance, methods.REGISTRY)
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps(slaug.to_dict()))
+  (run / "summary.json").write_text(json.dumps({"modalities": {}}))
+  assert driver.finished(run, instance) is None
